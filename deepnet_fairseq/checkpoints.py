@@ -1,0 +1,158 @@
+"""Safe loading and averaging of fairseq checkpoints on PyTorch >= 2.6.
+
+Since PyTorch 2.6 ``torch.load`` defaults to ``weights_only=True``, which refuses the few
+non-tensor objects fairseq pickles into checkpoints.  Instead of turning the safe unpickler off, we
+register exactly those classes with ``torch.serialization.add_safe_globals``; any other global
+(``os.system``, ``eval``, ...) is still refused by torch before anything runs.
+
+:data:`CHECKPOINT_GLOBALS` is the union of what real checkpoints contain, listed with
+``torch.serialization.get_unsafe_globals_in_checkpoint`` (``deepnet-checkpoint-globals``):
+
+* ``argparse.Namespace``: ``cfg.model`` of every ``fairseq-train`` run (and ``args`` of
+  argparse-era checkpoints);
+* numpy ``ndarray``/``dtype``/``_reconstruct``/``scalar``: metric meters in ``extra_state`` once
+  ``--eval-bleu`` logs its n-gram counts as numpy arrays;
+* OmegaConf ``DictConfig``/``ListConfig`` with their ``AnyNode``/``Metadata``/``ContainerMetadata``
+  and the ``typing.Any``/``dict``/``list``/``int``/``defaultdict`` they reference: checkpoints whose
+  ``cfg`` was saved as an OmegaConf container (fairseq 0.10-0.11, some released models).
+
+``fairseq-train`` with EMA, ``--keep-best-checkpoints`` and ``fairseq-hydra-train`` add nothing
+beyond these (checked by the test suite on real runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import tempfile
+import typing
+from pathlib import Path
+from typing import Dict, Iterable, List, Sequence, Set, Union
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, ListConfig
+from omegaconf.base import ContainerMetadata, Metadata
+from omegaconf.nodes import AnyNode
+
+try:  # numpy >= 2
+    from numpy._core.multiarray import _reconstruct, scalar
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import _reconstruct, scalar
+
+PathLike = Union[str, os.PathLike]
+
+# numpy pickles an array's dtype as its dtype class (numpy.dtypes.Int64DType, ...), which the scan of
+# globals does not list; allow the numeric ones (numpy >= 1.25 has one class per dtype).
+NUMPY_DTYPE_CLASSES = tuple(
+    {type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
+                                 np.uint32, np.uint64, np.float16, np.float32, np.float64)}
+    - {np.dtype}
+)
+
+CHECKPOINT_GLOBALS: tuple = (
+    argparse.Namespace,
+    # numpy arrays and scalars (metric meters); numpy 1.x checkpoints name numpy.core
+    np.ndarray,
+    np.dtype,
+    _reconstruct,
+    scalar,
+    (_reconstruct, "numpy.core.multiarray._reconstruct"),
+    (scalar, "numpy.core.multiarray.scalar"),
+    *NUMPY_DTYPE_CLASSES,
+    # OmegaConf containers (cfg saved as DictConfig)
+    DictConfig,
+    ListConfig,
+    ContainerMetadata,
+    Metadata,
+    AnyNode,
+    typing.Any,
+    dict,
+    list,
+    int,
+    collections.defaultdict,
+)
+
+
+def install_checkpoint_allowlist() -> None:
+    """Allow ``torch.load(weights_only=True)`` to rebuild fairseq checkpoints (idempotent)."""
+    torch.serialization.add_safe_globals(list(CHECKPOINT_GLOBALS))
+
+
+def checkpoint_globals(path: PathLike) -> Set[str]:
+    """Names of the globals a checkpoint needs beyond torch's defaults, without unpickling it."""
+    return set(torch.serialization.get_unsafe_globals_in_checkpoint(os.fspath(path)))
+
+
+def load_checkpoint(path: PathLike) -> dict:
+    """Load a checkpoint on CPU through the safe (``weights_only=True``) unpickler."""
+    install_checkpoint_allowlist()
+    try:
+        return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch raises UnpicklingError/RuntimeError for refused or corrupt files
+        raise RuntimeError(f"cannot load checkpoint {os.fspath(path)}: {err}") from err
+
+
+def average_state_dicts(states: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Elementwise mean of model state dicts with identical keys and shapes.
+
+    Floating-point tensors are summed in float64 and cast back to their dtype; other tensors must
+    be equal in every input (they are counters or indices, whose mean would be meaningless).
+    """
+    if not states:
+        raise ValueError("need at least one state dict to average")
+    keys = list(states[0].keys())
+    for index, state in enumerate(states[1:], start=1):
+        if list(state.keys()) != keys:
+            missing = set(keys) ^ set(state.keys())
+            raise ValueError(f"checkpoint {index} has different parameters: {sorted(missing)[:5]}")
+    averaged: Dict[str, torch.Tensor] = {}
+    for key in keys:
+        tensors = [state[key] for state in states]
+        shapes = {tuple(t.shape) for t in tensors}
+        if len(shapes) != 1:
+            raise ValueError(f"parameter {key} has different shapes across checkpoints: {sorted(shapes)}")
+        if tensors[0].is_floating_point():
+            total = torch.zeros_like(tensors[0], dtype=torch.float64)
+            for tensor in tensors:
+                total += tensor.to(torch.float64)
+            averaged[key] = (total / len(tensors)).to(tensors[0].dtype)
+        else:
+            if any(not torch.equal(tensors[0], t) for t in tensors[1:]):
+                raise ValueError(f"non-floating parameter {key} differs across checkpoints; cannot average")
+            averaged[key] = tensors[0].clone()
+    return averaged
+
+
+def average_checkpoints(inputs: Iterable[PathLike], output: PathLike) -> dict:
+    """Average the ``model`` weights of fairseq checkpoints into ``output`` (written atomically).
+
+    Every input is loaded through :func:`load_checkpoint`; every other field (``cfg``, optimizer
+    state, ...) is the first input's, as in fairseq's ``scripts/average_checkpoints.py``.
+    ``output`` may not be one of the inputs.
+    """
+    paths: List[Path] = [Path(p) for p in inputs]
+    out = Path(output)
+    if not paths:
+        raise ValueError("no input checkpoints given")
+    if any(out.resolve() == p.resolve() for p in paths):
+        raise ValueError(f"output {out} is also an input; refusing to overwrite it")
+    states = [load_checkpoint(p) for p in paths]
+    for path, state in zip(paths, states, strict=True):
+        if "model" not in state:
+            raise ValueError(f"{path} is not a fairseq checkpoint (no 'model' entry)")
+    result = dict(states[0])
+    result["model"] = average_state_dicts([s["model"] for s in states])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name, suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        torch.save(result, tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return result

@@ -1,0 +1,60 @@
+"""``deepnet_lm``: a decoder-only (GPT-style) Transformer LM with DeepNorm, task ``language_modeling``.
+
+With ``--deepnorm`` the decoder-only constants apply: alpha = (2M)^(1/4), beta = (8M)^(-1/4).
+Unlike fairseq's named ``transformer_lm_*`` architectures (which force Pre-LN), ``deepnet_lm`` is
+Post-LN unless ``--decoder-normalize-before`` is given, so ``--deepnorm`` is real DeepNorm.
+"""
+
+
+import logging
+from dataclasses import dataclass
+
+from fairseq.models import register_model
+from fairseq.models.transformer import TransformerConfig
+from fairseq.models.transformer_lm import (
+    DEFAULT_MAX_TARGET_POSITIONS,
+    TransformerLanguageModel,
+    TransformerLanguageModelConfig,
+)
+from fairseq.utils import safe_getattr
+
+from deepnet_fairseq.models.options import DeepNetConfigError, DeepNormOptions, build_schemes
+from deepnet_fairseq.modules.stacks import DeepNetDecoder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DeepNetLMConfig(TransformerLanguageModelConfig, DeepNormOptions):
+    """fairseq's ``transformer_lm`` options plus the DeepNorm options."""
+
+
+@register_model("deepnet_lm", dataclass=DeepNetLMConfig)
+class DeepNetLanguageModel(TransformerLanguageModel):
+    """Decoder-only Transformer LM; DeepNorm on with ``--deepnorm``."""
+
+    @classmethod
+    def build_model(cls, args, task):
+        if safe_getattr(args, "character_embeddings", False) or safe_getattr(args, "adaptive_input", False):
+            raise DeepNetConfigError(
+                "deepnet_lm supports token embeddings only: remove --character-embeddings / --adaptive-input"
+            )
+        if args.decoder_layers_to_keep:
+            args.decoder_layers = len(args.decoder_layers_to_keep.split(","))
+        layers = args.decoder_layers
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+            raise DeepNetConfigError(f"--decoder-layers must be a positive integer, got {layers!r}")
+        if safe_getattr(args, "max_target_positions", None) is None:
+            args.max_target_positions = safe_getattr(args, "tokens_per_sample", DEFAULT_MAX_TARGET_POSITIONS)
+
+        _, scheme = build_schemes(args, 0, layers)
+        logger.info("deepnet_lm %dL: %s", layers, scheme.describe())
+        embed_tokens = cls.build_embedding(args, task.source_dictionary, args.decoder_input_dim)
+        decoder = DeepNetDecoder(
+            TransformerConfig.from_namespace(args),
+            task.target_dictionary,
+            embed_tokens,
+            scheme,
+            no_encoder_attn=True,
+        )
+        return cls(decoder)

@@ -1,0 +1,108 @@
+"""``deepnet_transformer``: fairseq's encoder-decoder Transformer with DeepNorm (Wang et al. 2022).
+
+Without ``--deepnorm`` the model is exactly fairseq's Post-LN ``transformer`` (same modules, same
+parameter names, same numerics).  With ``--deepnorm`` every sub-layer computes
+``LN(alpha * x + G(x))`` and the layers start from DeepNorm's beta-scaled Xavier init, with the
+constants of :func:`deepnet_fairseq.deepnorm_coefficients` for the true N encoder / M decoder layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from fairseq.dataclass.utils import gen_parser_from_dataclass
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer import TransformerConfig
+from fairseq.models.transformer.transformer_legacy import TransformerModel, base_architecture
+from omegaconf import OmegaConf
+
+from deepnet_fairseq.models.options import (
+    DeepNetConfigError,
+    DeepNormOptions,
+    build_schemes,
+    fill_option_defaults,
+)
+from deepnet_fairseq.modules.stacks import DeepNetDecoder, DeepNetEncoder
+
+logger = logging.getLogger(__name__)
+
+
+def _positive_layers(args, name: str) -> int:
+    value = getattr(args, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DeepNetConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    return value
+
+
+@register_model("deepnet_transformer")
+class DeepNetTransformerModel(TransformerModel):
+    """Encoder-decoder Transformer; DeepNorm on with ``--deepnorm``."""
+
+    @classmethod
+    def add_args(cls, parser):
+        super().add_args(parser)
+        # no defaults on the parser: architecture functions fill them (fairseq's legacy convention)
+        gen_parser_from_dataclass(parser, DeepNormOptions(), delete_default=True, with_prefix="")
+
+    @classmethod
+    def build_model(cls, args, task):
+        if OmegaConf.is_config(args):
+            # fairseq-hydra-train hands legacy models a DictConfig; a Namespace keeps every field
+            args = argparse.Namespace(**OmegaConf.to_container(args, resolve=True))
+        deepnet_transformer_architecture(args)
+        encoder_layers = _positive_layers(args, "encoder_layers")
+        decoder_layers = _positive_layers(args, "decoder_layers")
+        encoder_scheme, decoder_scheme = build_schemes(args, encoder_layers, decoder_layers)
+        logger.info(
+            "deepnet_transformer %dL-%dL: encoder %s, decoder %s",
+            encoder_layers,
+            decoder_layers,
+            encoder_scheme.describe(),
+            decoder_scheme.describe(),
+        )
+        return super().build_model(args, task)
+
+    @classmethod
+    def build_encoder(cls, args, src_dict, embed_tokens):
+        cfg = TransformerConfig.from_namespace(args)
+        scheme, _ = build_schemes(args, cfg.encoder.layers, cfg.decoder.layers)
+        return DeepNetEncoder(cfg, src_dict, embed_tokens, scheme)
+
+    @classmethod
+    def build_decoder(cls, args, tgt_dict, embed_tokens):
+        cfg = TransformerConfig.from_namespace(args)
+        _, scheme = build_schemes(args, cfg.encoder.layers, cfg.decoder.layers)
+        return DeepNetDecoder(cfg, tgt_dict, embed_tokens, scheme, no_encoder_attn=cfg.no_cross_attention)
+
+
+@register_model_architecture("deepnet_transformer", "deepnet_transformer")
+def deepnet_transformer_architecture(args):
+    """Base size (512/2048, 8 heads, 6L-6L), fairseq's ``transformer`` defaults."""
+    fill_option_defaults(args)
+    base_architecture(args)
+
+
+@register_model_architecture("deepnet_transformer", "deepnet_transformer_big")
+def deepnet_transformer_big(args):
+    """1024/4096, 16 heads: the paper's 100L-100L (3.2B) model family."""
+    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 1024)
+    args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 4096)
+    args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 16)
+    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 1024)
+    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", 4096)
+    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 16)
+    args.dropout = getattr(args, "dropout", 0.3)
+    deepnet_transformer_architecture(args)
+
+
+@register_model_architecture("deepnet_transformer", "deepnet_transformer_tiny")
+def deepnet_transformer_tiny(args):
+    """64/128, 2 heads: the paper's analysis models (Fig. 5, "64-128-2")."""
+    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 64)
+    args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 128)
+    args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 2)
+    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 64)
+    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", 128)
+    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 2)
+    deepnet_transformer_architecture(args)
