@@ -26,6 +26,7 @@ setup(
     entry_points={
         "console_scripts": [
             "deepnet-average-checkpoints=deepnet_fairseq.cli.average_checkpoints:main",
+            "deepnet-coefficients=deepnet_fairseq.cli.coefficients:main",
         ],
     },
 )
