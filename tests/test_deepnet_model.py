@@ -11,12 +11,11 @@ import shutil
 
 import pytest
 import torch
-
-import deepnet_fairseq  # noqa: F401
-from deepnet_fairseq.models.options import DeepNetConfigError
 from fairseq import options, tasks, utils
 
+import deepnet_fairseq  # noqa: F401
 from conftest import USER_DIR, cli, logged_updates, run, train_args
+from deepnet_fairseq.models.options import DeepNetConfigError
 
 
 def build(data, *flags, task_name="translation", arch="deepnet_transformer_tiny"):
@@ -147,7 +146,10 @@ def test_paper_init_std_and_zero_biases(tiny_data):
                      "--encoder-embed-dim", 128, "--decoder-embed-dim", 128,
                      "--encoder-ffn-embed-dim", 256, "--decoder-ffn-embed-dim", 256)
     const = paper_constants(n, m)
-    sides = {"encoder": (model.encoder.layers, ["self_attn"]), "decoder": (model.decoder.layers, ["self_attn", "encoder_attn"])}
+    sides = {
+        "encoder": (model.encoder.layers, ["self_attn"]),
+        "decoder": (model.decoder.layers, ["self_attn", "encoder_attn"]),
+    }
     for side, (layers, attns) in sides.items():
         beta = const[side][1]
         names = ["fc1", "fc2"] + [f"{a}.{p}" for a in attns for p in ("v_proj", "out_proj")]
