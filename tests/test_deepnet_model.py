@@ -223,7 +223,7 @@ def test_checkpoint_activations_same_outputs_and_init(tiny_data):
     [
         (("--deepnorm", "--encoder-normalize-before"), "--encoder-normalize-before"),
         (("--deepnorm", "--decoder-normalize-before"), "--decoder-normalize-before"),
-        (("--deepnorm-alpha", "2"), "--deepnorm-alpha only applies with --deepnorm"),
+        (("--deepnorm-alpha", "2"), "--deepnorm-alpha only applies with --residual-scheme deepnorm"),
         (("--deepnorm", "--deepnorm-beta", "-1"), "--deepnorm-beta"),
         (("--deepnorm", "--deepnorm-alpha", "1,2,3"), "--deepnorm-alpha"),
         (("--deepnorm", "--deepnorm-alpha", "abc"), "--deepnorm-alpha"),

@@ -1,4 +1,5 @@
-"""``deepnet_lm``: a decoder-only (GPT-style) Transformer LM with DeepNorm, task ``language_modeling``.
+"""``deepnet_lm``: a decoder-only (GPT-style) Transformer LM with DeepNorm (or another
+``--residual-scheme``), task ``language_modeling``.
 
 With ``--deepnorm`` the decoder-only constants apply: alpha = (2M)^(1/4), beta = (8M)^(-1/4).
 Unlike fairseq's named ``transformer_lm_*`` architectures (which force Pre-LN), ``deepnet_lm`` is
@@ -20,6 +21,7 @@ from fairseq.utils import safe_getattr
 
 from deepnet_fairseq.models.options import DeepNetConfigError, DeepNormOptions, build_schemes
 from deepnet_fairseq.modules.stacks import DeepNetDecoder
+from deepnet_fairseq.schemes.admin import needs_admin_profiling, profile_admin
 
 logger = logging.getLogger(__name__)
 
@@ -58,3 +60,8 @@ class DeepNetLanguageModel(TransformerLanguageModel):
             no_encoder_attn=True,
         )
         return cls(decoder)
+
+    def forward(self, src_tokens, **kwargs):
+        if self.training and needs_admin_profiling(self):
+            profile_admin(self, lambda: super(DeepNetLanguageModel, self).forward(src_tokens, **kwargs))
+        return super().forward(src_tokens, **kwargs)

@@ -1,7 +1,8 @@
-"""``deepnet_transformer``: fairseq's encoder-decoder Transformer with DeepNorm (Wang et al. 2022).
+"""``deepnet_transformer``: fairseq's encoder-decoder Transformer with DeepNorm (Wang et al. 2022)
+and the other residual schemes of the paper's comparison (``--residual-scheme``).
 
-Without ``--deepnorm`` the model is exactly fairseq's Post-LN ``transformer`` (same modules, same
-parameter names, same numerics).  With ``--deepnorm`` every sub-layer computes
+Without ``--deepnorm``/``--residual-scheme`` the model is exactly fairseq's Post-LN ``transformer``
+(same modules, same parameter names, same numerics).  With ``--deepnorm`` every sub-layer computes
 ``LN(alpha * x + G(x))`` and the layers start from DeepNorm's beta-scaled Xavier init, with the
 constants of :func:`deepnet_fairseq.deepnorm_coefficients` for the true N encoder / M decoder layers.
 """
@@ -24,6 +25,7 @@ from deepnet_fairseq.models.options import (
     fill_option_defaults,
 )
 from deepnet_fairseq.modules.stacks import DeepNetDecoder, DeepNetEncoder
+from deepnet_fairseq.schemes.admin import needs_admin_profiling, profile_admin
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ def _positive_layers(args, name: str) -> int:
 
 @register_model("deepnet_transformer")
 class DeepNetTransformerModel(TransformerModel):
-    """Encoder-decoder Transformer; DeepNorm on with ``--deepnorm``."""
+    """Encoder-decoder Transformer; DeepNorm on with ``--deepnorm``, other schemes by name."""
 
     @classmethod
     def add_args(cls, parser):
@@ -62,6 +64,12 @@ class DeepNetTransformerModel(TransformerModel):
             decoder_scheme.describe(),
         )
         return super().build_model(args, task)
+
+    def forward(self, src_tokens, src_lengths, prev_output_tokens, **kwargs):
+        if self.training and needs_admin_profiling(self):
+            profile_admin(self, lambda: super(DeepNetTransformerModel, self).forward(
+                src_tokens, src_lengths, prev_output_tokens, **kwargs))
+        return super().forward(src_tokens, src_lengths, prev_output_tokens, **kwargs)
 
     @classmethod
     def build_encoder(cls, args, src_dict, embed_tokens):

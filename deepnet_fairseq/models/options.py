@@ -1,53 +1,82 @@
-"""The plugin's command-line/config options, declared once as a dataclass.
+"""The plugin's command-line/config options, declared once as a dataclass, and their validation.
 
 ``fairseq-train`` sees them through ``gen_parser_from_dataclass`` and ``fairseq-hydra-train`` through
 the same field names in YAML, so both entry points share one definition.
 """
 
-
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
-from deepnet_fairseq.coefficients import (
-    PAPER_ENCODER_BETA_CONSTANT,
-    TORCHSCALE_ENCODER_BETA_CONSTANT,
-    deepnorm_coefficients,
-)
-from deepnet_fairseq.schemes import DeepNormScheme, PostLNScheme, ResidualScheme
-from deepnet_fairseq.schemes.deepnorm import DEEPNORM_INITS
+from deepnet_fairseq.schemes import SCHEME_NAMES, ResidualScheme, SchemeContext, SchemeError, build_scheme
+from deepnet_fairseq.schemes.deepnorm import DEEPNORM_INITS, parse_side_values
 
-
-class DeepNetConfigError(ValueError):
-    """A contradictory or out-of-range plugin option, raised before any model is built."""
+DeepNetConfigError = SchemeError
 
 
 @dataclass
 class DeepNormOptions(FairseqDataclass):
-    deepnorm: bool = field(
-        default=False,
-        metadata={"help": "DeepNorm: Post-LN sub-layers LN(alpha*x + G(x)) and beta-scaled Xavier init"},
+    residual_scheme: ChoiceEnum(SCHEME_NAMES) = field(
+        default="post-ln", metadata={"help": "how every sub-layer combines x and G(x), and its init (see README)"}
     )
-    deepnorm_init: ChoiceEnum(DEEPNORM_INITS) = field(
-        default="paper",
+    deepnorm: bool = field(default=False, metadata={"help": "alias of --residual-scheme deepnorm"})
+    deepnorm_init: Optional[ChoiceEnum(DEEPNORM_INITS)] = field(
+        default=None,
         metadata={
-            "help": "paper: xavier_normal(gain=beta) on fc1/fc2/v_proj/out_proj, gain 1 on q/k, zero biases; "
-            "torchscale: nn.Linear default init scaled by beta (biases too), encoder constant 1.15"
+            "help": "deepnorm: paper (default): xavier_normal(gain=beta) on fc1/fc2/v_proj/out_proj, gain 1 on q/k, "
+            "zero biases; torchscale: nn.Linear default init scaled by beta (biases too), encoder constant 1.15"
         },
     )
     deepnorm_alpha: Optional[str] = field(
-        default=None,
-        metadata={"help": "override alpha: one value for both sides, or ENCODER,DECODER"},
+        default=None, metadata={"help": "deepnorm: override alpha, one value for both sides or ENCODER,DECODER"}
     )
     deepnorm_beta: Optional[str] = field(
-        default=None,
-        metadata={"help": "override beta: one value for both sides, or ENCODER,DECODER"},
+        default=None, metadata={"help": "deepnorm: override beta, one value for both sides or ENCODER,DECODER"}
+    )
+    post_ln_init_scope: Optional[ChoiceEnum(["all", "ffn-out"])] = field(
+        default=None, metadata={"help": "post-ln-init: shrink all linears of layer l (default) or only fc2"}
+    )
+    ds_init_alpha: Optional[float] = field(default=None, metadata={"help": "ds-init: the paper's alpha in (0, 1]"})
+    ds_init_exponent: Optional[float] = field(
+        default=None, metadata={"help": "ds-init: depth exponent, 0.5 (paper, default) or 0.25 (reference code)"}
+    )
+    admin_omega_trainable: bool = field(
+        default=False, metadata={"help": "admin-closed: make omega a trainable vector per sub-layer"}
+    )
+    allow_rezero_fp16: bool = field(
+        default=False, metadata={"help": "rezero: allow --fp16 (the DeepNet paper found ReZero unstable in fp16)"}
+    )
+    dlcl_history_window: Optional[int] = field(
+        default=None, metadata={"help": "dlcl: combine only the last K layer outputs (-1 = all, default)"}
+    )
+    normformer_head_scale_position: Optional[ChoiceEnum(["paper", "fairseq"])] = field(
+        default=None, metadata={"help": "normformer: head scale before W_o (paper, default) or after out_proj"}
+    )
+    normformer_scale_resids: bool = field(
+        default=False, metadata={"help": "normformer: learned residual scale lambda on the FFN sub-layer"}
     )
 
 
 OPTION_DEFAULTS = {name: f.default for name, f in DeepNormOptions.__dataclass_fields__.items()}
+# scheme-specific options and the scheme they belong to
+OPTION_OWNERS = {
+    "deepnorm_init": "deepnorm",
+    "deepnorm_alpha": "deepnorm",
+    "deepnorm_beta": "deepnorm",
+    "post_ln_init_scope": "post-ln-init",
+    "ds_init_alpha": "ds-init",
+    "ds_init_exponent": "ds-init",
+    "admin_omega_trainable": "admin-closed",
+    "allow_rezero_fp16": "rezero",
+    "dlcl_history_window": "dlcl",
+    "normformer_head_scale_position": "normformer",
+    "normformer_scale_resids": "normformer",
+}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def fill_option_defaults(args) -> None:
@@ -57,67 +86,61 @@ def fill_option_defaults(args) -> None:
             setattr(args, name, default)
 
 
-def parse_side_values(value: Optional[str], flag: str) -> Tuple[Optional[float], Optional[float]]:
-    """Parse ``"V"`` (both sides) or ``"ENC,DEC"`` into positive finite floats."""
-    if value is None or value == "":
-        return None, None
-    parts = [p.strip() for p in str(value).split(",")]
-    if len(parts) not in (1, 2):
-        raise DeepNetConfigError(f"{flag} takes one value or ENCODER,DECODER, got {value!r}")
-    try:
-        numbers = [float(p) for p in parts]
-    except ValueError:
-        raise DeepNetConfigError(f"{flag} takes numbers (one value or ENCODER,DECODER), got {value!r}") from None
-    for number in numbers:
-        if not math.isfinite(number) or number <= 0:
-            raise DeepNetConfigError(f"{flag} values must be finite and > 0, got {value!r}")
-    return (numbers[0], numbers[0]) if len(numbers) == 1 else (numbers[0], numbers[1])
+def resolve_scheme_name(args) -> str:
+    """The selected scheme, with ``--deepnorm`` as an alias of ``--residual-scheme deepnorm``."""
+    name = str(getattr(args, "residual_scheme", None) or "post-ln")
+    if getattr(args, "deepnorm", False):
+        if name not in ("post-ln", "deepnorm"):
+            raise SchemeError(f"--deepnorm contradicts --residual-scheme {name}; use one of them")
+        name = "deepnorm"
+    if name not in SCHEME_NAMES:
+        raise SchemeError(f"--residual-scheme {name!r} is unknown; choose one of {', '.join(SCHEME_NAMES)}")
+    return name
 
 
-def validate_options(args, encoder_layers: int, decoder_layers: int) -> None:
+def validate_options(args, name: str, scheme: ResidualScheme, encoder_layers: int, decoder_layers: int) -> None:
     """Refuse contradictory flags before any layer is built (messages name the flags)."""
-    if not args.deepnorm:
-        for name in ("deepnorm_alpha", "deepnorm_beta"):
-            if getattr(args, name, None) not in (None, ""):
-                flag = "--" + name.replace("_", "-")
-                raise DeepNetConfigError(f"{flag} only applies with --deepnorm")
-        return
-    if encoder_layers and getattr(args, "encoder_normalize_before", False):
-        raise DeepNetConfigError(
-            "--deepnorm is a Post-LN method: remove --encoder-normalize-before (Pre-LN and its final LayerNorm)"
-        )
-    if decoder_layers and getattr(args, "decoder_normalize_before", False):
-        raise DeepNetConfigError(
-            "--deepnorm is a Post-LN method: remove --decoder-normalize-before (Pre-LN and its final LayerNorm)"
-        )
-    parse_side_values(args.deepnorm_alpha, "--deepnorm-alpha")
-    parse_side_values(args.deepnorm_beta, "--deepnorm-beta")
+    for option, owner in OPTION_OWNERS.items():
+        if owner != name and getattr(args, option, None) not in (None, False, ""):
+            raise SchemeError(f"{flag(option)} only applies with --residual-scheme {owner}"
+                              + (" (or --deepnorm)" if owner == "deepnorm" else ""))
+    sides = [s for s, n in (("encoder", encoder_layers), ("decoder", decoder_layers)) if n]
+    if scheme.layer_norm in ("post", "none"):
+        for side in sides:
+            if getattr(args, f"{side}_normalize_before", False):
+                kind = "a Post-LN" if scheme.layer_norm == "post" else "a LayerNorm-free"
+                raise SchemeError(
+                    f"--residual-scheme {name} is {kind} method: remove --{side}-normalize-before "
+                    "(Pre-LN and its final LayerNorm)"
+                )
+    if scheme.layer_norm == "none" and getattr(args, "layernorm_embedding", False):
+        raise SchemeError(f"--residual-scheme {name} has no LayerNorm: remove --layernorm-embedding")
+    if name == "rezero" and (getattr(args, "fp16", False) or getattr(args, "memory_efficient_fp16", False)):
+        if not getattr(args, "allow_rezero_fp16", False):
+            raise SchemeError(
+                "--residual-scheme rezero with --fp16: the DeepNet paper found ReZero unstable in half precision "
+                "even for shallow models; train in fp32/--bf16, or pass --allow-rezero-fp16 to insist"
+            )
+    if name == "deepnorm":
+        parse_side_values(getattr(args, "deepnorm_alpha", None), "--deepnorm-alpha")
+        parse_side_values(getattr(args, "deepnorm_beta", None), "--deepnorm-beta")
 
 
-def build_schemes(args, encoder_layers: int, decoder_layers: int) -> Tuple[ResidualScheme, ResidualScheme]:
+def build_schemes(
+    args, encoder_layers: int, decoder_layers: int
+) -> Tuple[Optional[ResidualScheme], ResidualScheme]:
     """Residual schemes ``(encoder, decoder)`` for a model with the given true layer counts.
 
-    ``encoder_layers == 0`` means decoder-only (language model), so the decoder-only constants apply.
+    ``encoder_layers == 0`` means decoder-only (language model; the encoder scheme is ``None``).
+    Pre-LN-family schemes switch on fairseq's ``normalize_before`` on ``args`` (that is what defines
+    them).
     """
-    validate_options(args, encoder_layers, decoder_layers)
-    if not args.deepnorm:
-        return PostLNScheme(), PostLNScheme()
-    init = str(args.deepnorm_init)
-    constant = TORCHSCALE_ENCODER_BETA_CONSTANT if init == "torchscale" else PAPER_ENCODER_BETA_CONSTANT
-    coeffs = deepnorm_coefficients(encoder_layers or None, decoder_layers or None, encoder_beta_constant=constant)
-    alpha_override = parse_side_values(args.deepnorm_alpha, "--deepnorm-alpha")
-    beta_override = parse_side_values(args.deepnorm_beta, "--deepnorm-beta")
-
-    def side(index: int, alpha: Optional[float], beta: Optional[float]) -> ResidualScheme:
-        if alpha is None:
-            return PostLNScheme()
-        return DeepNormScheme(
-            alpha=alpha_override[index] or alpha,
-            beta=beta_override[index] or beta,
-            init=init,
-        )
-
-    return (
-        side(0, coeffs.encoder_alpha, coeffs.encoder_beta),
-        side(1, coeffs.decoder_alpha, coeffs.decoder_beta),
-    )
+    name = resolve_scheme_name(args)
+    encoder = build_scheme(name, SchemeContext("encoder", encoder_layers, decoder_layers, args)) if encoder_layers else None
+    decoder = build_scheme(name, SchemeContext("decoder", encoder_layers, decoder_layers, args))
+    validate_options(args, name, decoder, encoder_layers, decoder_layers)
+    if decoder.layer_norm == "pre":
+        if encoder_layers:
+            args.encoder_normalize_before = True
+        args.decoder_normalize_before = True
+    return encoder, decoder

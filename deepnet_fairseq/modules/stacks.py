@@ -1,15 +1,18 @@
 """Encoder and decoder stacks that build :mod:`deepnet_fairseq.modules.layers` layers.
 
 Only fairseq's ``build_*_layer`` hooks are overridden; embedding, masking, incremental decoding and
-the output projection are fairseq's own.  Each stack holds the residual scheme of its side.
+the output projection are fairseq's own.  Each stack holds the residual scheme of its side, numbers
+its layers from 1 (depth-dependent inits need the index, which fairseq does not pass) and lets the
+scheme add stack-level hooks once all layers exist.
 """
 
 from __future__ import annotations
 
+from torch import nn
+
 from fairseq.distributed import fsdp_wrap
 from fairseq.models.transformer import TransformerDecoderBase, TransformerEncoderBase
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
-from torch import nn
 
 from deepnet_fairseq.modules.layers import DeepNetDecoderLayer, DeepNetEncoderLayer
 from deepnet_fairseq.schemes.base import ResidualScheme
@@ -30,10 +33,14 @@ class DeepNetEncoder(TransformerEncoderBase):
     def __init__(self, cfg, dictionary, embed_tokens, scheme: ResidualScheme, return_fc: bool = False):
         # set before fairseq's constructor, which calls build_encoder_layer
         self.scheme = scheme
+        self._layers_built = 0
         super().__init__(cfg, dictionary, embed_tokens, return_fc=return_fc)
+        scheme.prepare_stack(self)
 
     def build_encoder_layer(self, cfg):
-        return wrap_layer(DeepNetEncoderLayer(cfg, self.scheme, return_fc=self.return_fc), cfg)
+        self._layers_built += 1
+        layer = DeepNetEncoderLayer(cfg, self.scheme, index=self._layers_built, return_fc=self.return_fc)
+        return wrap_layer(layer, cfg)
 
 
 class DeepNetDecoder(TransformerDecoderBase):
@@ -49,9 +56,13 @@ class DeepNetDecoder(TransformerDecoderBase):
         output_projection=None,
     ):
         self.scheme = scheme
+        self._layers_built = 0
         super().__init__(
             cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn, output_projection=output_projection
         )
+        scheme.prepare_stack(self)
 
     def build_decoder_layer(self, cfg, no_encoder_attn: bool = False):
-        return wrap_layer(DeepNetDecoderLayer(cfg, self.scheme, no_encoder_attn=no_encoder_attn), cfg)
+        self._layers_built += 1
+        layer = DeepNetDecoderLayer(cfg, self.scheme, index=self._layers_built, no_encoder_attn=no_encoder_attn)
+        return wrap_layer(layer, cfg)

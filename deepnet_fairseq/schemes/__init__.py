@@ -1,7 +1,26 @@
-"""Residual schemes: how a sub-layer combines its input x with its branch G(x), and how it starts."""
+"""Residual schemes: how a sub-layer combines its input x with its branch G(x), and how it starts.
 
-from deepnet_fairseq.schemes.base import ResidualScheme
-from deepnet_fairseq.schemes.deepnorm import DeepNormScheme
-from deepnet_fairseq.schemes.post_ln import PostLNScheme
+Importing this package registers every scheme; ``--residual-scheme NAME`` picks one from
+:data:`SCHEMES`.
+"""
 
-__all__ = ["ResidualScheme", "DeepNormScheme", "PostLNScheme"]
+from deepnet_fairseq.schemes import (  # noqa: F401  (registration)
+    admin,
+    deepnorm,
+    dlcl,
+    ds_init,
+    normformer,
+    post_ln,
+    post_ln_init,
+    pre_ln,
+    r_fixup,
+    rezero,
+    sandwich_ln,
+    sub_ln,
+    t_fixup,
+)
+from deepnet_fairseq.schemes.base import SCHEMES, ResidualScheme, SchemeContext, SchemeError, build_scheme
+
+SCHEME_NAMES = tuple(SCHEMES)
+
+__all__ = ["SCHEMES", "SCHEME_NAMES", "ResidualScheme", "SchemeContext", "SchemeError", "build_scheme"]

@@ -11,11 +11,17 @@ weights *and* biases of fc1, fc2, v_proj and out_proj multiplied by beta.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from typing import Optional, Tuple
 
 from torch import Tensor, nn
 
-from deepnet_fairseq.schemes.base import ResidualScheme
+from deepnet_fairseq.coefficients import (
+    PAPER_ENCODER_BETA_CONSTANT,
+    TORCHSCALE_ENCODER_BETA_CONSTANT,
+    deepnorm_coefficients,
+)
+from deepnet_fairseq.schemes.base import ResidualScheme, SchemeContext, SchemeError, register_scheme
 
 DEEPNORM_INITS = ("paper", "torchscale")
 
@@ -40,7 +46,7 @@ UNIT_GAIN_PROJECTIONS = (
 def deepnorm_init_(layer: nn.Module, beta: float, variant: str = "paper") -> None:
     """Initialise one fairseq encoder/decoder layer in place for DeepNorm (see module docstring)."""
     if variant not in DEEPNORM_INITS:
-        raise ValueError(f"--deepnorm-init must be one of {', '.join(DEEPNORM_INITS)}, got {variant!r}")
+        raise SchemeError(f"--deepnorm-init must be one of {', '.join(DEEPNORM_INITS)}, got {variant!r}")
     for name, module in layer.named_modules():
         if name in BETA_SCALED_PROJECTIONS:
             gain = beta
@@ -61,21 +67,57 @@ def deepnorm_init_(layer: nn.Module, beta: float, variant: str = "paper") -> Non
                 module.bias.data.mul_(gain)
 
 
-@dataclass(frozen=True)
+@register_scheme
 class DeepNormScheme(ResidualScheme):
-    """DeepNorm for one side of a model: residual weight ``alpha``, init gain ``beta``."""
+    """DeepNorm for one side of a model: residual weight ``alpha``, init gain ``beta``.
 
-    alpha: float
-    beta: float
-    init: str = "paper"
+    Constants from :func:`deepnet_fairseq.deepnorm_coefficients` for the model's true N and M,
+    unless ``--deepnorm-alpha``/``--deepnorm-beta`` override them.
+    """
 
     name = "deepnorm"
+    layer_norm = "post"
 
-    def combine(self, branch: Tensor, residual: Tensor) -> Tensor:
+    def __init__(self, context: SchemeContext):
+        super().__init__(context)
+        self.init = str(context.option("deepnorm_init", "paper"))
+        if self.init not in DEEPNORM_INITS:
+            raise SchemeError(f"--deepnorm-init must be one of {', '.join(DEEPNORM_INITS)}, got {self.init!r}")
+        constant = TORCHSCALE_ENCODER_BETA_CONSTANT if self.init == "torchscale" else PAPER_ENCODER_BETA_CONSTANT
+        coeffs = deepnorm_coefficients(
+            context.encoder_layers or None, context.decoder_layers or None, encoder_beta_constant=constant
+        )
+        side = 0 if context.side == "encoder" else 1
+        alpha_override = parse_side_values(context.option("deepnorm_alpha"), "--deepnorm-alpha")[side]
+        beta_override = parse_side_values(context.option("deepnorm_beta"), "--deepnorm-beta")[side]
+        default_alpha, default_beta = (
+            (coeffs.encoder_alpha, coeffs.encoder_beta) if side == 0 else (coeffs.decoder_alpha, coeffs.decoder_beta)
+        )
+        self.alpha = alpha_override or default_alpha
+        self.beta = beta_override or default_beta
+
+    def combine(self, layer: nn.Module, sublayer: str, branch: Tensor, residual: Tensor) -> Tensor:
         return residual * self.alpha + branch
 
-    def initialize_layer(self, layer: nn.Module) -> None:
+    def initialize_layer(self, layer: nn.Module, index: int) -> None:
         deepnorm_init_(layer, self.beta, self.init)
 
     def describe(self) -> str:
         return f"deepnorm(alpha={self.alpha:.4f}, beta={self.beta:.4f}, init={self.init})"
+
+
+def parse_side_values(value: Optional[str], flag: str) -> Tuple[Optional[float], Optional[float]]:
+    """Parse ``"V"`` (both sides) or ``"ENC,DEC"`` into positive finite floats."""
+    if value is None or value == "":
+        return None, None
+    parts = [p.strip() for p in str(value).split(",")]
+    if len(parts) not in (1, 2):
+        raise SchemeError(f"{flag} takes one value or ENCODER,DECODER, got {value!r}")
+    try:
+        numbers = [float(p) for p in parts]
+    except ValueError:
+        raise SchemeError(f"{flag} takes numbers (one value or ENCODER,DECODER), got {value!r}") from None
+    for number in numbers:
+        if not math.isfinite(number) or number <= 0:
+            raise SchemeError(f"{flag} values must be finite and > 0, got {value!r}")
+    return (numbers[0], numbers[0]) if len(numbers) == 1 else (numbers[0], numbers[1])

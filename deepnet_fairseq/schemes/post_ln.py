@@ -1,9 +1,12 @@
-"""Post-LN (Vaswani et al. 2017): ``x <- LN(x + G(x))`` with fairseq's default initialisation."""
+"""Post-LN (Vaswani et al. 2017): ``x <- LN(x + G(x))`` with fairseq's default initialisation.
 
-from deepnet_fairseq.schemes.base import ResidualScheme
+This is fairseq's own Transformer sub-layer, unchanged (bit-identical outputs; tested).
+"""
+
+from deepnet_fairseq.schemes.base import ResidualScheme, register_scheme
 
 
+@register_scheme
 class PostLNScheme(ResidualScheme):
-    """fairseq's own Transformer sub-layer, unchanged."""
-
     name = "post-ln"
+    layer_norm = "post"

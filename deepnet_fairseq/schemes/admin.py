@@ -1,0 +1,129 @@
+"""Admin (Liu et al. 2020, "Understanding the Difficulty of Training Transformers"):
+``x_i = LN(x_{i-1} * w_i + G_i(x_{i-1}))`` with one vector ``w_i`` (size d) per sub-layer.
+
+``admin`` (profiled, as the paper): ``w_i = sqrt(sum_{j<i} Var[G_j])``, measured on the first
+training batch.  The reference code needs a separate profiling run that writes a file; here the
+profiling is one extra no-grad forward on the first training batch, in-process: a running ratio
+``r`` starts at 1 for each stack, each sub-layer in order sets ``w_i := r`` and then
+``r <- sqrt(Var[x * w_i] + Var[G_i(x)])`` (variances over all elements, after dropout, as the
+reference).  Rank 0's ratios are broadcast to every rank; the ratios and a ``admin_profiled`` flag
+are parameters/buffers of the model, so a checkpoint carries them and neither resume nor generation
+profiles again.
+
+``admin-closed`` (microsoft/admin-torch, no profiling): the same form with
+``w = sqrt((n + 1) / ln(n + 1) - 1)``, n the number of residual sub-layers of the stack (2N or 3M);
+a constant unless ``--admin-omega-trainable`` makes it a trainable vector.
+
+Both are Post-LN and re-base fc1/fc2 on Xavier-uniform with zero bias (fairseq-0.9 init).
+"""
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from deepnet_fairseq.schemes.base import ResidualScheme, register_scheme
+from deepnet_fairseq.schemes.init import xavier_ffn_
+
+
+def omega_name(sublayer: str) -> str:
+    return f"admin_omega_{sublayer}"
+
+
+@register_scheme
+class AdminScheme(ResidualScheme):
+    name = "admin"
+    layer_norm = "post"
+
+    def __init__(self, context):
+        super().__init__(context)
+        self.profiling = False
+        self.ratio = 1.0
+
+    def prepare_layer(self, layer: nn.Module, index: int) -> None:
+        for sublayer in layer.sublayers:
+            setattr(layer, omega_name(sublayer), nn.Parameter(torch.ones(layer.embed_dim)))
+        layer.register_buffer("admin_profiled", torch.zeros((), dtype=torch.bool))
+
+    def initialize_layer(self, layer: nn.Module, index: int) -> None:
+        xavier_ffn_(layer)
+
+    def combine(self, layer: nn.Module, sublayer: str, branch: Tensor, residual: Tensor) -> Tensor:
+        omega = getattr(layer, omega_name(sublayer))
+        if self.profiling:
+            with torch.no_grad():
+                omega.fill_(self.ratio)
+                scaled = residual * omega
+                self.ratio = math.sqrt(
+                    scaled.float().var(unbiased=False).item() + branch.float().var(unbiased=False).item()
+                )
+                layer.admin_profiled.fill_(True)
+        return residual * omega + branch
+
+
+def admin_layers(model: nn.Module):
+    """Every layer of ``model`` that uses the profiled Admin scheme."""
+    return [m for m in model.modules() if isinstance(getattr(m, "scheme", None), AdminScheme) and hasattr(m, "sublayers")]
+
+
+def needs_admin_profiling(model: nn.Module) -> bool:
+    """True while some profiled-Admin layer of ``model`` has not been profiled yet."""
+    if not isinstance(getattr(getattr(model, "decoder", None), "scheme", None), AdminScheme):
+        return False
+    return any(not bool(layer.admin_profiled) for layer in admin_layers(model))
+
+
+def profile_admin(model: nn.Module, run_forward: Callable[[], object]) -> None:
+    """Measure Admin's ratios with one no-grad forward (``run_forward``) and share rank 0's.
+
+    Each stack's running ratio restarts at 1.0; the forward visits sub-layers in order.
+    """
+    layers = admin_layers(model)
+    schemes = {id(layer.scheme): layer.scheme for layer in layers}.values()
+    for scheme in schemes:
+        scheme.ratio = 1.0
+        scheme.profiling = True
+    try:
+        with torch.no_grad():
+            run_forward()
+    finally:
+        for scheme in schemes:
+            scheme.profiling = False
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for layer in layers:
+            for sublayer in layer.sublayers:
+                torch.distributed.broadcast(getattr(layer, omega_name(sublayer)).data, src=0)
+
+
+def admin_closed_omega(num_sublayers: int) -> float:
+    """admin-torch's 'O(logn)' closed form ``sqrt((n + 1) / ln(n + 1) - 1)``."""
+    n = num_sublayers
+    return math.sqrt((n + 1) / math.log(n + 1) - 1)
+
+
+@register_scheme
+class AdminClosedScheme(ResidualScheme):
+    name = "admin-closed"
+    layer_norm = "post"
+
+    def __init__(self, context):
+        super().__init__(context)
+        self.omega = admin_closed_omega(context.layers * context.sublayers_per_layer)
+        self.trainable = bool(context.option("admin_omega_trainable", False))
+
+    def prepare_layer(self, layer: nn.Module, index: int) -> None:
+        if self.trainable:
+            for sublayer in layer.sublayers:
+                setattr(layer, omega_name(sublayer), nn.Parameter(torch.full((layer.embed_dim,), self.omega)))
+
+    def initialize_layer(self, layer: nn.Module, index: int) -> None:
+        xavier_ffn_(layer)
+
+    def combine(self, layer: nn.Module, sublayer: str, branch: Tensor, residual: Tensor) -> Tensor:
+        if self.trainable:
+            return residual * getattr(layer, omega_name(sublayer)) + branch
+        return residual * self.omega + branch
+
+    def describe(self) -> str:
+        return f"admin-closed(omega={self.omega:.4f}, trainable={self.trainable})"
