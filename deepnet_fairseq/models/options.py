@@ -136,7 +136,9 @@ def build_schemes(
     them).
     """
     name = resolve_scheme_name(args)
-    encoder = build_scheme(name, SchemeContext("encoder", encoder_layers, decoder_layers, args)) if encoder_layers else None
+    encoder = None
+    if encoder_layers:
+        encoder = build_scheme(name, SchemeContext("encoder", encoder_layers, decoder_layers, args))
     decoder = build_scheme(name, SchemeContext("decoder", encoder_layers, decoder_layers, args))
     validate_options(args, name, decoder, encoder_layers, decoder_layers)
     if decoder.layer_norm == "pre":

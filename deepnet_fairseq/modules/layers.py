@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from typing import Tuple
 
-from torch import Tensor
-
 from fairseq.modules.transformer_layer import (
     TransformerDecoderLayerBase,
     TransformerEncoderLayerBase,
 )
+from torch import Tensor
 
 from deepnet_fairseq.schemes.base import ResidualScheme
 

@@ -8,11 +8,10 @@ scheme add stack-level hooks once all layers exist.
 
 from __future__ import annotations
 
-from torch import nn
-
 from fairseq.distributed import fsdp_wrap
 from fairseq.models.transformer import TransformerDecoderBase, TransformerEncoderBase
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+from torch import nn
 
 from deepnet_fairseq.modules.layers import DeepNetDecoderLayer, DeepNetEncoderLayer
 from deepnet_fairseq.schemes.base import ResidualScheme

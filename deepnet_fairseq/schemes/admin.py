@@ -64,7 +64,9 @@ class AdminScheme(ResidualScheme):
 
 def admin_layers(model: nn.Module):
     """Every layer of ``model`` that uses the profiled Admin scheme."""
-    return [m for m in model.modules() if isinstance(getattr(m, "scheme", None), AdminScheme) and hasattr(m, "sublayers")]
+    return [
+        m for m in model.modules() if isinstance(getattr(m, "scheme", None), AdminScheme) and hasattr(m, "sublayers")
+    ]
 
 
 def needs_admin_profiling(model: nn.Module) -> bool:

@@ -23,6 +23,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 from torch import Tensor, nn
 
+
 class SchemeError(ValueError):
     """A contradictory or out-of-range option, raised before any model is built."""
 
@@ -97,7 +98,8 @@ def build_scheme(name: str, context: SchemeContext) -> ResidualScheme:
     try:
         factory = SCHEMES[name]
     except KeyError:
-        raise SchemeError(f"--residual-scheme {name!r} is unknown; choose one of {', '.join(sorted(SCHEMES))}") from None
+        choices = ", ".join(sorted(SCHEMES))
+        raise SchemeError(f"--residual-scheme {name!r} is unknown; choose one of {choices}") from None
     return factory(context)
 
 

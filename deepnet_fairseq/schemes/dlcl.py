@@ -18,9 +18,8 @@ step runs all layers on the new positions.
 from functools import partial
 
 import torch
-from torch import nn
-
 from fairseq.modules import LayerNorm
+from torch import nn
 
 from deepnet_fairseq.schemes.base import ResidualScheme, SchemeError, register_scheme
 
@@ -68,7 +67,9 @@ class DLCLScheme(ResidualScheme):
     def prepare_stack(self, stack: nn.Module) -> None:
         layers = list(stack.layers)
         if getattr(stack, "layer_norm", None) is None:
-            raise SchemeError("--residual-scheme dlcl needs the stack's final LayerNorm (remove --no-decoder-final-norm)")
+            raise SchemeError(
+                "--residual-scheme dlcl needs the stack's final LayerNorm (remove --no-decoder-final-norm)"
+            )
         if type(stack.layers) is not nn.ModuleList:
             raise SchemeError("--residual-scheme dlcl does not support LayerDrop (--encoder/decoder-layerdrop)")
         size = len(layers) + 1

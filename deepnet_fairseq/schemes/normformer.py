@@ -11,9 +11,8 @@ which its maintainers call not mathematically equivalent.  Init: fairseq's defau
 """
 
 import torch
-from torch import Tensor, nn
-
 from fairseq.modules import LayerNorm
+from torch import Tensor, nn
 
 from deepnet_fairseq.schemes.base import ResidualScheme, SchemeError, register_scheme
 from deepnet_fairseq.schemes.init import add_input_transform, add_output_transform, route_through_modules_

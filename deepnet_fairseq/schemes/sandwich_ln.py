@@ -8,9 +8,8 @@ Init (Megatron style, as CogView): every attention/FFN weight ~ N(0, 0.02), the 
 
 import math
 
-from torch import nn
-
 from fairseq.modules import LayerNorm
+from torch import nn
 
 from deepnet_fairseq.schemes.base import ResidualScheme, linear_modules, register_scheme
 from deepnet_fairseq.schemes.init import add_output_transform, attention_modules

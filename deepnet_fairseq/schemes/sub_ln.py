@@ -9,9 +9,8 @@ no gamma scaling.
 
 import math
 
-from torch import nn
-
 from fairseq.modules import LayerNorm
+from torch import nn
 
 from deepnet_fairseq.schemes.base import ResidualScheme, register_scheme
 from deepnet_fairseq.schemes.init import add_input_transform, route_through_modules_, xavier_ffn_
