@@ -44,10 +44,10 @@ demo: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh
 
 test: setup
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q tests
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 bench: setup
-	@echo "no benchmarks yet"
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 lint: setup
 	$(BIN)/python -m ruff check deepnet_fairseq tests scripts benchmarks

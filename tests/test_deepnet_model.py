@@ -17,6 +17,9 @@ import deepnet_fairseq  # noqa: F401
 from conftest import USER_DIR, cli, logged_updates, run, train_args
 from deepnet_fairseq.models.options import DeepNetConfigError
 
+# module-scoped training fixtures: keep this file on one xdist worker
+pytestmark = pytest.mark.xdist_group("test_deepnet_model")
+
 
 def build(data, *flags, task_name="translation", arch="deepnet_transformer_tiny"):
     """Parse a fairseq-train command line and build the model with ``task.build_model``."""

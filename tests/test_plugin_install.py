@@ -13,6 +13,9 @@ import deepnet_fairseq  # noqa: F401  (installs the allow-list)
 from conftest import USER_DIR, cli, logged_updates, run, train_args
 from deepnet_fairseq.checkpoints import CHECKPOINT_GLOBALS, average_checkpoints, checkpoint_globals, load_checkpoint
 
+# module-scoped training fixtures: keep this file on one xdist worker
+pytestmark = pytest.mark.xdist_group("test_plugin_install")
+
 
 def _allowed_names() -> set:
     names = set()
