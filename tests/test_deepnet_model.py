@@ -11,96 +11,14 @@ import shutil
 
 import pytest
 import torch
-from fairseq import options, tasks, utils
 
 import deepnet_fairseq  # noqa: F401
 from conftest import USER_DIR, cli, logged_updates, run, train_args
 from deepnet_fairseq.models.options import DeepNetConfigError
+from modelkit import build, check_ln_inputs, paper_constants, pooled_std, sample_batch, xavier_std
 
 # module-scoped training fixtures: keep this file on one xdist worker
 pytestmark = pytest.mark.xdist_group("test_deepnet_model")
-
-
-def build(data, *flags, task_name="translation", arch="deepnet_transformer_tiny"):
-    """Parse a fairseq-train command line and build the model with ``task.build_model``."""
-    parser = options.get_training_parser(default_task=task_name)
-    argv = [str(data), "--user-dir", USER_DIR, "--task", task_name, "--arch", arch, "--cpu", *map(str, flags)]
-    args = options.parse_args_and_arch(parser, argv)
-    utils.import_user_module(args)
-    task = tasks.setup_task(args)
-    torch.manual_seed(0)
-    model = task.build_model(args)
-    model.eval()
-    return model, task
-
-
-def sample_batch(task, n=4, src_len=7, tgt_len=6, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    vocab = len(task.source_dictionary)
-    src = torch.randint(4, vocab, (n, src_len), generator=gen)
-    prev = torch.randint(4, vocab, (n, tgt_len), generator=gen)
-    prev[:, 0] = task.target_dictionary.eos()
-    return src, torch.full((n,), src_len), prev
-
-
-def paper_constants(n, m):
-    return {
-        "encoder": (0.81 * (n**4 * m) ** (1 / 16), 0.87 * (n**4 * m) ** (-1 / 16)),
-        "decoder": ((3 * m) ** 0.25, (12 * m) ** -0.25),
-    }
-
-
-def _pre(store, key):
-    def hook(module, inputs):
-        store[key] = inputs[0].detach().clone()
-    return hook
-
-
-def _post(store, key, first=False):
-    def hook(module, inputs, output):
-        store[key] = (output[0] if first else output).detach().clone()
-    return hook
-
-
-def check_ln_inputs(layers, run_forward, alpha, kinds):
-    """Hook every sub-layer: assert LN_in == alpha * x + G(x), x being the sub-layer's input.
-
-    Returns the number of sub-layers checked.
-    """
-    hooks, stores = [], []
-    for layer in layers:
-        s = {}
-        stores.append(s)
-        hooks += [
-            layer.register_forward_pre_hook(_pre(s, "layer_in")),
-            layer.self_attn.register_forward_hook(_post(s, "self_g", first=True)),
-            layer.self_attn_layer_norm.register_forward_pre_hook(_pre(s, "self_ln_in")),
-            layer.self_attn_layer_norm.register_forward_hook(_post(s, "self_ln_out")),
-            layer.fc2.register_forward_hook(_post(s, "ffn_g")),
-            layer.final_layer_norm.register_forward_pre_hook(_pre(s, "ffn_ln_in")),
-        ]
-        if "cross" in kinds:
-            hooks += [
-                layer.encoder_attn.register_forward_hook(_post(s, "cross_g", first=True)),
-                layer.encoder_attn_layer_norm.register_forward_pre_hook(_pre(s, "cross_ln_in")),
-                layer.encoder_attn_layer_norm.register_forward_hook(_post(s, "cross_ln_out")),
-            ]
-    try:
-        run_forward()
-    finally:
-        for h in hooks:
-            h.remove()
-    checked = 0
-    for s in stores:
-        if "cross" in kinds:
-            triples = [("layer_in", "self_g", "self_ln_in"), ("self_ln_out", "cross_g", "cross_ln_in"),
-                       ("cross_ln_out", "ffn_g", "ffn_ln_in")]
-        else:
-            triples = [("layer_in", "self_g", "self_ln_in"), ("self_ln_out", "ffn_g", "ffn_ln_in")]
-        for x, g, ln_in in triples:
-            torch.testing.assert_close(s[ln_in], alpha * s[x] + s[g], rtol=1e-5, atol=1e-5)
-            checked += 1
-    return checked
 
 
 @pytest.mark.parametrize("n,m", [(3, 2), (2, 5)])
@@ -134,15 +52,6 @@ def test_alpha_beta_overrides(tiny_data):
     assert w.std().item() == pytest.approx(0.3 * math.sqrt(2 / (64 + 128)), rel=0.05)
 
 
-def _pooled_std(layers, name):
-    return torch.cat([layer.get_submodule(name).weight.detach().flatten() for layer in layers]).std().item()
-
-
-def _xavier_std(module, gain=1.0):
-    fan_out, fan_in = module.weight.shape
-    return gain * math.sqrt(2.0 / (fan_in + fan_out))
-
-
 def test_paper_init_std_and_zero_biases(tiny_data):
     n, m = 6, 6
     model, _ = build(tiny_data, "--deepnorm", "--encoder-layers", n, "--decoder-layers", m,
@@ -157,10 +66,10 @@ def test_paper_init_std_and_zero_biases(tiny_data):
         beta = const[side][1]
         names = ["fc1", "fc2"] + [f"{a}.{p}" for a in attns for p in ("v_proj", "out_proj")]
         for name in names:
-            expected = _xavier_std(layers[0].get_submodule(name), beta)
-            assert _pooled_std(layers, name) == pytest.approx(expected, rel=0.03), (side, name)
+            expected = xavier_std(layers[0].get_submodule(name), beta)
+            assert pooled_std(layers, name) == pytest.approx(expected, rel=0.03), (side, name)
         for name in [f"{a}.{p}" for a in attns for p in ("q_proj", "k_proj")]:
-            assert _pooled_std(layers, name) == pytest.approx(_xavier_std(layers[0].get_submodule(name)), rel=0.03)
+            assert pooled_std(layers, name) == pytest.approx(xavier_std(layers[0].get_submodule(name)), rel=0.03)
         for layer in layers:
             for name in names + [f"{a}.{p}" for a in attns for p in ("q_proj", "k_proj")]:
                 assert torch.count_nonzero(layer.get_submodule(name).bias) == 0, (side, name)
@@ -176,8 +85,8 @@ def test_torchscale_init_variant(tiny_data):
     for layers, beta in ((model.encoder.layers, enc_beta), (model.decoder.layers, dec_beta)):
         fc1 = layers[0].fc1
         default_std = 1 / math.sqrt(3 * fc1.in_features)  # kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in))
-        assert _pooled_std(layers, "fc1") == pytest.approx(beta * default_std, rel=0.03)
-        assert _pooled_std(layers, "self_attn.q_proj") == pytest.approx(1 / math.sqrt(3 * 128), rel=0.03)
+        assert pooled_std(layers, "fc1") == pytest.approx(beta * default_std, rel=0.03)
+        assert pooled_std(layers, "self_attn.q_proj") == pytest.approx(1 / math.sqrt(3 * 128), rel=0.03)
         biases = torch.cat([layer.fc1.bias.detach() for layer in layers])
         assert biases.abs().max().item() > 0
         assert biases.abs().max().item() <= beta / math.sqrt(fc1.in_features) + 1e-6
@@ -309,7 +218,7 @@ def test_deepnet_lm_uses_decoder_only_constants(lm_data):
     assert checked == 2 * m
     assert model.decoder.layer_norm is None
     fc2 = model.decoder.layers[0].fc2
-    assert _pooled_std(model.decoder.layers, "fc2") == pytest.approx(_xavier_std(fc2, beta), rel=0.05)
+    assert pooled_std(model.decoder.layers, "fc2") == pytest.approx(xavier_std(fc2, beta), rel=0.05)
 
 
 def test_deepnet_lm_trains(lm_data, tmp_path):

@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
-from test_deepnet_model import _pooled_std, build, check_ln_inputs, sample_batch
 from torch import nn
 
 from conftest import USER_DIR, cli, logged_updates, run, train_args
 from deepnet_fairseq.schemes import SCHEME_NAMES, SchemeError
+from modelkit import build, check_ln_inputs, pooled_std, sample_batch
 
 N, M = 3, 2
 XAVIER_UNIFORM_STD = math.sqrt(2 / (64 + 64)), math.sqrt(2 / (64 + 128))  # square / FFN matrices, d=64
@@ -221,10 +221,10 @@ def test_t_fixup_scales_and_no_layernorm(tiny_data):
     assert count_layer_norms(model.encoder) == 0 and count_layer_norms(model.decoder) == 0
     enc, dec = 0.67 * n ** -0.25, (9 * m) ** -0.25
     for layers, scale in ((model.encoder.layers, enc), (model.decoder.layers, dec)):
-        assert _pooled_std(layers, "fc1") == pytest.approx(XAVIER_UNIFORM_STD[1] * scale, rel=0.05)
-        assert _pooled_std(layers, "self_attn.out_proj") == pytest.approx(XAVIER_UNIFORM_STD[0] * scale, rel=0.05)
+        assert pooled_std(layers, "fc1") == pytest.approx(XAVIER_UNIFORM_STD[1] * scale, rel=0.05)
+        assert pooled_std(layers, "self_attn.out_proj") == pytest.approx(XAVIER_UNIFORM_STD[0] * scale, rel=0.05)
         # fairseq's v init has gain 1/sqrt(2), which T-Fixup's sqrt(2) undoes
-        assert _pooled_std(layers, "self_attn.v_proj") == pytest.approx(XAVIER_UNIFORM_STD[0] * scale, rel=0.05)
+        assert pooled_std(layers, "self_attn.v_proj") == pytest.approx(XAVIER_UNIFORM_STD[0] * scale, rel=0.05)
     emb = model.encoder.embed_tokens.weight[4:]
     assert emb.std().item() == pytest.approx(64 ** -0.5 * (9 * n) ** -0.25, rel=0.1)
 
@@ -270,10 +270,10 @@ def test_inner_normalization_schemes(tiny_data, name):
     elif name == "sub-ln":
         assert is_normalized(stores["fc2_in"]["x"]) and is_normalized(stores["out_proj_in"]["x"])
         gamma = math.sqrt(math.log(3 * M))
-        assert _pooled_std(model.decoder.layers, "fc1") == pytest.approx(XAVIER_UNIFORM_STD[1] * gamma, rel=0.1)
+        assert pooled_std(model.decoder.layers, "fc1") == pytest.approx(XAVIER_UNIFORM_STD[1] * gamma, rel=0.1)
     else:
         assert is_normalized(stores["fc2_out"]["x"]) and is_normalized(stores["attn_out"]["x"])
-        assert _pooled_std(model.decoder.layers, "fc2") == pytest.approx(0.02 / math.sqrt(2 * M), rel=0.1)
+        assert pooled_std(model.decoder.layers, "fc2") == pytest.approx(0.02 / math.sqrt(2 * M), rel=0.1)
 
 
 def test_normformer_head_scale_positions_differ(tiny_data):
