@@ -1,14 +1,18 @@
 """deepnet-fairseq: DeepNet / DeepNorm (Wang et al. 2022, arXiv:2203.00555) as a fairseq plugin.
 
 Loaded by ``fairseq-train --user-dir deepnet_fairseq`` (or ``import deepnet_fairseq``): registers the
-models and architectures, and lets ``torch.load(weights_only=True)`` accept fairseq checkpoints
-through an explicit allow-list (see :mod:`deepnet_fairseq.checkpoints`).
+models and architectures, lets ``torch.load(weights_only=True)`` accept fairseq checkpoints through an
+explicit allow-list, makes checkpoint copies crash-safe (:mod:`deepnet_fairseq.checkpoints`), and
+reports divergence of this plugin's models clearly (:mod:`deepnet_fairseq.divergence`).
 """
 
-from deepnet_fairseq.checkpoints import install_checkpoint_allowlist
+from deepnet_fairseq.checkpoints import install_checkpoint_allowlist, install_crash_safe_checkpoint_io
 from deepnet_fairseq.coefficients import DeepNormCoefficients, deepnorm_coefficients
+from deepnet_fairseq.divergence import install_divergence_guard
 
 install_checkpoint_allowlist()
+install_crash_safe_checkpoint_io()
+install_divergence_guard()
 
 from deepnet_fairseq import models  # noqa: E402  (registration needs fairseq imported)
 

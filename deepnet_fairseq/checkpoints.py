@@ -25,8 +25,11 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import pickle
+import shutil
 import tempfile
 import typing
+import zipfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Sequence, Set, Union
 
@@ -156,3 +159,72 @@ def average_checkpoints(inputs: Iterable[PathLike], output: PathLike) -> dict:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return result
+
+
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint file that cannot be read: truncated, corrupt, or refused by the safe unpickler."""
+
+
+def atomic_copy(src: PathLike, dst: PathLike) -> None:
+    """Copy ``src`` to ``dst`` so that ``dst`` is always either its old or its complete new content.
+
+    The bytes go to a temporary file in ``dst``'s directory, are flushed to disk, and replace ``dst``
+    with one ``os.replace`` (atomic on POSIX); a crash at any moment leaves no partial ``dst``.
+    """
+    dst = os.fspath(dst)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(dst) + ".", suffix=".tmp", dir=os.path.dirname(dst) or ".")
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out, length=16 * 1024 * 1024)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def install_crash_safe_checkpoint_io() -> None:
+    """Make fairseq's checkpoint writing crash-safe and its loading errors name the file (idempotent).
+
+    * fairseq writes ``checkpointE.pt`` atomically (temporary file + rename) but then *copies* it
+      to ``checkpoint_last.pt``/``checkpoint_best.pt`` with ``shutil.copyfile``, so a kill during
+      that copy leaves a truncated ``checkpoint_last.pt`` that resume then fails on.  Local copies
+      go through :func:`atomic_copy` instead (remote ioPath URLs keep fairseq's behaviour).
+    * ``checkpoint_utils.load_checkpoint_to_cpu`` (resume, ``fairseq-generate``, hub loading)
+      raises :class:`CheckpointLoadError` naming the file when it cannot be read.
+    """
+    from fairseq import checkpoint_utils
+    from fairseq.file_io import PathManager
+
+    if getattr(PathManager.copy, "_deepnet_safe", False):
+        return
+    fairseq_copy = PathManager.copy
+    fairseq_load = checkpoint_utils.load_checkpoint_to_cpu
+
+    def copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
+        if PathManager.path_requires_pathmanager(src_path) or PathManager.path_requires_pathmanager(dst_path):
+            return fairseq_copy(src_path, dst_path, overwrite=overwrite)
+        if os.path.exists(dst_path) and not overwrite:
+            return False
+        atomic_copy(src_path, dst_path)
+        return True
+
+    def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
+        try:
+            return fairseq_load(path, arg_overrides, load_on_all_ranks)
+        except FileNotFoundError:
+            raise
+        except pickle.UnpicklingError as err:
+            raise CheckpointLoadError(f"checkpoint {path} was refused by torch's safe loader: {err}") from err
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+            if isinstance(err, CheckpointLoadError):
+                raise
+            raise CheckpointLoadError(
+                f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is truncated or corrupt. "
+                "Use an earlier checkpoint (e.g. checkpointN.pt) or remove it to start afresh."
+            ) from err
+
+    copy._deepnet_safe = True
+    PathManager.copy = staticmethod(copy)
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from conftest import USER_DIR, cli, logged_updates, run, train_args
-from deepnet_fairseq.schemes import SCHEME_NAMES, SchemeError
+from deepnet_fairseq.schemes import SCHEME_NAMES, DeepNetConfigError
 from modelkit import build, check_ln_inputs, pooled_std, sample_batch
 
 N, M = 3, 2
@@ -321,7 +321,7 @@ def test_hooks_follow_deepcopy_for_ema(tiny_data, name, param):
     ],
 )
 def test_scheme_constraints_are_refused(tiny_data, flags, needle):
-    with pytest.raises(SchemeError, match=needle):
+    with pytest.raises(DeepNetConfigError, match=needle):
         build(tiny_data, "--encoder-layers", 2, "--decoder-layers", 2, *flags)
 
 

@@ -19,7 +19,7 @@ from fairseq.models.transformer_lm import (
 )
 from fairseq.utils import safe_getattr
 
-from deepnet_fairseq.models.options import DeepNetConfigError, DeepNormOptions, build_schemes
+from deepnet_fairseq.models.options import DeepNetConfigError, DeepNormOptions, build_schemes, validate_shapes
 from deepnet_fairseq.modules.stacks import DeepNetDecoder
 from deepnet_fairseq.schemes.admin import needs_admin_profiling, profile_admin
 
@@ -43,9 +43,8 @@ class DeepNetLanguageModel(TransformerLanguageModel):
             )
         if args.decoder_layers_to_keep:
             args.decoder_layers = len(args.decoder_layers_to_keep.split(","))
+        validate_shapes(args, ("decoder",))
         layers = args.decoder_layers
-        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
-            raise DeepNetConfigError(f"--decoder-layers must be a positive integer, got {layers!r}")
         if safe_getattr(args, "max_target_positions", None) is None:
             args.max_target_positions = safe_getattr(args, "tokens_per_sample", DEFAULT_MAX_TARGET_POSITIONS)
 

@@ -19,22 +19,15 @@ from fairseq.models.transformer.transformer_legacy import TransformerModel, base
 from omegaconf import OmegaConf
 
 from deepnet_fairseq.models.options import (
-    DeepNetConfigError,
     DeepNormOptions,
     build_schemes,
     fill_option_defaults,
+    validate_shapes,
 )
 from deepnet_fairseq.modules.stacks import DeepNetDecoder, DeepNetEncoder
 from deepnet_fairseq.schemes.admin import needs_admin_profiling, profile_admin
 
 logger = logging.getLogger(__name__)
-
-
-def _positive_layers(args, name: str) -> int:
-    value = getattr(args, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise DeepNetConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    return value
 
 
 @register_model("deepnet_transformer")
@@ -53,8 +46,8 @@ class DeepNetTransformerModel(TransformerModel):
             # fairseq-hydra-train hands legacy models a DictConfig; a Namespace keeps every field
             args = argparse.Namespace(**OmegaConf.to_container(args, resolve=True))
         deepnet_transformer_architecture(args)
-        encoder_layers = _positive_layers(args, "encoder_layers")
-        decoder_layers = _positive_layers(args, "decoder_layers")
+        validate_shapes(args, ("encoder", "decoder"))
+        encoder_layers, decoder_layers = args.encoder_layers, args.decoder_layers
         encoder_scheme, decoder_scheme = build_schemes(args, encoder_layers, decoder_layers)
         logger.info(
             "deepnet_transformer %dL-%dL: encoder %s, decoder %s",

@@ -9,10 +9,8 @@ from typing import Optional, Tuple
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
-from deepnet_fairseq.schemes import SCHEME_NAMES, ResidualScheme, SchemeContext, SchemeError, build_scheme
+from deepnet_fairseq.schemes import SCHEME_NAMES, DeepNetConfigError, ResidualScheme, SchemeContext, build_scheme
 from deepnet_fairseq.schemes.deepnorm import DEEPNORM_INITS, parse_side_values
-
-DeepNetConfigError = SchemeError
 
 
 @dataclass
@@ -56,6 +54,13 @@ class DeepNormOptions(FairseqDataclass):
     normformer_scale_resids: bool = field(
         default=False, metadata={"help": "normformer: learned residual scale lambda on the FFN sub-layer"}
     )
+    stop_on_divergence_patience: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "exit with code 3 (no traceback) when an update fails with NaN/inf gradients or P consecutive "
+            "updates are skipped or have a non-finite loss"
+        },
+    )
 
 
 OPTION_DEFAULTS = {name: f.default for name, f in DeepNormOptions.__dataclass_fields__.items()}
@@ -91,10 +96,10 @@ def resolve_scheme_name(args) -> str:
     name = str(getattr(args, "residual_scheme", None) or "post-ln")
     if getattr(args, "deepnorm", False):
         if name not in ("post-ln", "deepnorm"):
-            raise SchemeError(f"--deepnorm contradicts --residual-scheme {name}; use one of them")
+            raise DeepNetConfigError(f"--deepnorm contradicts --residual-scheme {name}; use one of them")
         name = "deepnorm"
     if name not in SCHEME_NAMES:
-        raise SchemeError(f"--residual-scheme {name!r} is unknown; choose one of {', '.join(SCHEME_NAMES)}")
+        raise DeepNetConfigError(f"--residual-scheme {name!r} is unknown; choose one of {', '.join(SCHEME_NAMES)}")
     return name
 
 
@@ -102,28 +107,44 @@ def validate_options(args, name: str, scheme: ResidualScheme, encoder_layers: in
     """Refuse contradictory flags before any layer is built (messages name the flags)."""
     for option, owner in OPTION_OWNERS.items():
         if owner != name and getattr(args, option, None) not in (None, False, ""):
-            raise SchemeError(f"{flag(option)} only applies with --residual-scheme {owner}"
+            raise DeepNetConfigError(f"{flag(option)} only applies with --residual-scheme {owner}"
                               + (" (or --deepnorm)" if owner == "deepnorm" else ""))
     sides = [s for s, n in (("encoder", encoder_layers), ("decoder", decoder_layers)) if n]
     if scheme.layer_norm in ("post", "none"):
         for side in sides:
             if getattr(args, f"{side}_normalize_before", False):
                 kind = "a Post-LN" if scheme.layer_norm == "post" else "a LayerNorm-free"
-                raise SchemeError(
+                raise DeepNetConfigError(
                     f"--residual-scheme {name} is {kind} method: remove --{side}-normalize-before "
                     "(Pre-LN and its final LayerNorm)"
                 )
     if scheme.layer_norm == "none" and getattr(args, "layernorm_embedding", False):
-        raise SchemeError(f"--residual-scheme {name} has no LayerNorm: remove --layernorm-embedding")
+        raise DeepNetConfigError(f"--residual-scheme {name} has no LayerNorm: remove --layernorm-embedding")
     if name == "rezero" and (getattr(args, "fp16", False) or getattr(args, "memory_efficient_fp16", False)):
         if not getattr(args, "allow_rezero_fp16", False):
-            raise SchemeError(
+            raise DeepNetConfigError(
                 "--residual-scheme rezero with --fp16: the DeepNet paper found ReZero unstable in half precision "
                 "even for shallow models; train in fp32/--bf16, or pass --allow-rezero-fp16 to insist"
             )
+    patience = getattr(args, "stop_on_divergence_patience", None)
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+        raise DeepNetConfigError(f"--stop-on-divergence-patience must be a positive integer, got {patience!r}")
     if name == "deepnorm":
         parse_side_values(getattr(args, "deepnorm_alpha", None), "--deepnorm-alpha")
         parse_side_values(getattr(args, "deepnorm_beta", None), "--deepnorm-beta")
+
+
+def validate_shapes(args, sides) -> None:
+    """Layer counts, widths and head counts a Transformer can be built with (messages name the flag)."""
+    for side in sides:
+        for name in (f"{side}_layers", f"{side}_embed_dim", f"{side}_ffn_embed_dim", f"{side}_attention_heads"):
+            value = getattr(args, name, None)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DeepNetConfigError(f"{flag(name)} must be a positive integer, got {value!r}")
+        dim, heads = getattr(args, f"{side}_embed_dim"), getattr(args, f"{side}_attention_heads")
+        if dim % heads:
+            raise DeepNetConfigError(f"{flag(side + '_embed_dim')} ({dim}) must be divisible by "
+                              f"{flag(side + '_attention_heads')} ({heads})")
 
 
 def build_schemes(

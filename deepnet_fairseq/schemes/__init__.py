@@ -19,8 +19,8 @@ from deepnet_fairseq.schemes import (  # noqa: F401  (registration)
     sub_ln,
     t_fixup,
 )
-from deepnet_fairseq.schemes.base import SCHEMES, ResidualScheme, SchemeContext, SchemeError, build_scheme
+from deepnet_fairseq.schemes.base import SCHEMES, DeepNetConfigError, ResidualScheme, SchemeContext, build_scheme
 
 SCHEME_NAMES = tuple(SCHEMES)
 
-__all__ = ["SCHEMES", "SCHEME_NAMES", "ResidualScheme", "SchemeContext", "SchemeError", "build_scheme"]
+__all__ = ["SCHEMES", "SCHEME_NAMES", "ResidualScheme", "SchemeContext", "DeepNetConfigError", "build_scheme"]

@@ -24,7 +24,7 @@ from typing import Callable, Dict, Optional, Tuple
 from torch import Tensor, nn
 
 
-class SchemeError(ValueError):
+class DeepNetConfigError(ValueError):
     """A contradictory or out-of-range option, raised before any model is built."""
 
 
@@ -99,7 +99,7 @@ def build_scheme(name: str, context: SchemeContext) -> ResidualScheme:
         factory = SCHEMES[name]
     except KeyError:
         choices = ", ".join(sorted(SCHEMES))
-        raise SchemeError(f"--residual-scheme {name!r} is unknown; choose one of {choices}") from None
+        raise DeepNetConfigError(f"--residual-scheme {name!r} is unknown; choose one of {choices}") from None
     return factory(context)
 
 

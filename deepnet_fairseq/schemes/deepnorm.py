@@ -21,7 +21,7 @@ from deepnet_fairseq.coefficients import (
     TORCHSCALE_ENCODER_BETA_CONSTANT,
     deepnorm_coefficients,
 )
-from deepnet_fairseq.schemes.base import ResidualScheme, SchemeContext, SchemeError, register_scheme
+from deepnet_fairseq.schemes.base import DeepNetConfigError, ResidualScheme, SchemeContext, register_scheme
 
 DEEPNORM_INITS = ("paper", "torchscale")
 
@@ -46,7 +46,7 @@ UNIT_GAIN_PROJECTIONS = (
 def deepnorm_init_(layer: nn.Module, beta: float, variant: str = "paper") -> None:
     """Initialise one fairseq encoder/decoder layer in place for DeepNorm (see module docstring)."""
     if variant not in DEEPNORM_INITS:
-        raise SchemeError(f"--deepnorm-init must be one of {', '.join(DEEPNORM_INITS)}, got {variant!r}")
+        raise DeepNetConfigError(f"--deepnorm-init must be one of {', '.join(DEEPNORM_INITS)}, got {variant!r}")
     for name, module in layer.named_modules():
         if name in BETA_SCALED_PROJECTIONS:
             gain = beta
@@ -82,7 +82,7 @@ class DeepNormScheme(ResidualScheme):
         super().__init__(context)
         self.init = str(context.option("deepnorm_init", "paper"))
         if self.init not in DEEPNORM_INITS:
-            raise SchemeError(f"--deepnorm-init must be one of {', '.join(DEEPNORM_INITS)}, got {self.init!r}")
+            raise DeepNetConfigError(f"--deepnorm-init must be one of {', '.join(DEEPNORM_INITS)}, got {self.init!r}")
         constant = TORCHSCALE_ENCODER_BETA_CONSTANT if self.init == "torchscale" else PAPER_ENCODER_BETA_CONSTANT
         coeffs = deepnorm_coefficients(
             context.encoder_layers or None, context.decoder_layers or None, encoder_beta_constant=constant
@@ -112,12 +112,12 @@ def parse_side_values(value: Optional[str], flag: str) -> Tuple[Optional[float],
         return None, None
     parts = [p.strip() for p in str(value).split(",")]
     if len(parts) not in (1, 2):
-        raise SchemeError(f"{flag} takes one value or ENCODER,DECODER, got {value!r}")
+        raise DeepNetConfigError(f"{flag} takes one value or ENCODER,DECODER, got {value!r}")
     try:
         numbers = [float(p) for p in parts]
     except ValueError:
-        raise SchemeError(f"{flag} takes numbers (one value or ENCODER,DECODER), got {value!r}") from None
+        raise DeepNetConfigError(f"{flag} takes numbers (one value or ENCODER,DECODER), got {value!r}") from None
     for number in numbers:
         if not math.isfinite(number) or number <= 0:
-            raise SchemeError(f"{flag} values must be finite and > 0, got {value!r}")
+            raise DeepNetConfigError(f"{flag} values must be finite and > 0, got {value!r}")
     return (numbers[0], numbers[0]) if len(numbers) == 1 else (numbers[0], numbers[1])

@@ -21,7 +21,7 @@ import torch
 from fairseq.modules import LayerNorm
 from torch import nn
 
-from deepnet_fairseq.schemes.base import ResidualScheme, SchemeError, register_scheme
+from deepnet_fairseq.schemes.base import DeepNetConfigError, ResidualScheme, register_scheme
 
 
 def average_lower_triangular(size: int) -> torch.Tensor:
@@ -62,16 +62,16 @@ class DLCLScheme(ResidualScheme):
         super().__init__(context)
         self.window = int(context.option("dlcl_history_window", -1))
         if self.window == 0 or self.window < -1:
-            raise SchemeError(f"--dlcl-history-window must be -1 (all) or >= 1, got {self.window}")
+            raise DeepNetConfigError(f"--dlcl-history-window must be -1 (all) or >= 1, got {self.window}")
 
     def prepare_stack(self, stack: nn.Module) -> None:
         layers = list(stack.layers)
         if getattr(stack, "layer_norm", None) is None:
-            raise SchemeError(
+            raise DeepNetConfigError(
                 "--residual-scheme dlcl needs the stack's final LayerNorm (remove --no-decoder-final-norm)"
             )
         if type(stack.layers) is not nn.ModuleList:
-            raise SchemeError("--residual-scheme dlcl does not support LayerDrop (--encoder/decoder-layerdrop)")
+            raise DeepNetConfigError("--residual-scheme dlcl does not support LayerDrop (--encoder/decoder-layerdrop)")
         size = len(layers) + 1
         dim = stack.layer_norm.normalized_shape[0]
         stack.dlcl_weights = nn.Parameter(average_lower_triangular(size))

@@ -9,7 +9,7 @@ scale multiplies the *variance*) effectively uses ``e = 1/4``.  Default: the pap
 
 from torch import nn
 
-from deepnet_fairseq.schemes.base import ResidualScheme, SchemeError, linear_modules, register_scheme
+from deepnet_fairseq.schemes.base import DeepNetConfigError, ResidualScheme, linear_modules, register_scheme
 from deepnet_fairseq.schemes.init import xavier_bound
 
 
@@ -23,9 +23,11 @@ class DSInitScheme(ResidualScheme):
         self.alpha = float(context.option("ds_init_alpha", 1.0))
         self.exponent = float(context.option("ds_init_exponent", 0.5))
         if not 0 < self.alpha <= 1:
-            raise SchemeError(f"--ds-init-alpha must be in (0, 1], got {self.alpha}")
+            raise DeepNetConfigError(f"--ds-init-alpha must be in (0, 1], got {self.alpha}")
         if self.exponent not in (0.5, 0.25):
-            raise SchemeError(f"--ds-init-exponent must be 0.5 (paper) or 0.25 (reference code), got {self.exponent}")
+            raise DeepNetConfigError(
+                f"--ds-init-exponent must be 0.5 (paper) or 0.25 (reference code), got {self.exponent}"
+            )
 
     def initialize_layer(self, layer: nn.Module, index: int) -> None:
         for module in linear_modules(layer).values():

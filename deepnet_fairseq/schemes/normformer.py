@@ -14,7 +14,7 @@ import torch
 from fairseq.modules import LayerNorm
 from torch import Tensor, nn
 
-from deepnet_fairseq.schemes.base import ResidualScheme, SchemeError, register_scheme
+from deepnet_fairseq.schemes.base import DeepNetConfigError, ResidualScheme, register_scheme
 from deepnet_fairseq.schemes.init import add_input_transform, add_output_transform, route_through_modules_
 
 HEAD_SCALE_POSITIONS = ("paper", "fairseq")
@@ -43,7 +43,8 @@ class NormFormerScheme(ResidualScheme):
         super().__init__(context)
         self.position = str(context.option("normformer_head_scale_position", "paper"))
         if self.position not in HEAD_SCALE_POSITIONS:
-            raise SchemeError(f"--normformer-head-scale-position must be one of {', '.join(HEAD_SCALE_POSITIONS)}")
+            choices = ", ".join(HEAD_SCALE_POSITIONS)
+            raise DeepNetConfigError(f"--normformer-head-scale-position must be one of {choices}")
         self.scale_resids = bool(context.option("normformer_scale_resids", False))
 
     def prepare_layer(self, layer: nn.Module, index: int) -> None:

@@ -9,7 +9,7 @@ every attention/FFN weight of the layer, ``ffn-out`` only fc2.
 
 from torch import nn
 
-from deepnet_fairseq.schemes.base import ResidualScheme, SchemeError, linear_modules, register_scheme
+from deepnet_fairseq.schemes.base import DeepNetConfigError, ResidualScheme, linear_modules, register_scheme
 from deepnet_fairseq.schemes.init import xavier_ffn_
 
 POST_LN_INIT_SCOPES = ("all", "ffn-out")
@@ -24,7 +24,7 @@ class PostLNInitScheme(ResidualScheme):
         super().__init__(context)
         self.scope = str(context.option("post_ln_init_scope", "all"))
         if self.scope not in POST_LN_INIT_SCOPES:
-            raise SchemeError(f"--post-ln-init-scope must be one of {', '.join(POST_LN_INIT_SCOPES)}")
+            raise DeepNetConfigError(f"--post-ln-init-scope must be one of {', '.join(POST_LN_INIT_SCOPES)}")
 
     def initialize_layer(self, layer: nn.Module, index: int) -> None:
         xavier_ffn_(layer)
