@@ -14,7 +14,9 @@ register exactly those classes with ``torch.serialization.add_safe_globals``; an
   ``--eval-bleu`` logs its n-gram counts as numpy arrays;
 * OmegaConf ``DictConfig``/``ListConfig`` with their ``AnyNode``/``Metadata``/``ContainerMetadata``
   and the ``typing.Any``/``dict``/``list``/``int``/``defaultdict`` they reference: checkpoints whose
-  ``cfg`` was saved as an OmegaConf container (fairseq 0.10-0.11, some released models).
+  ``cfg`` was saved as an OmegaConf container (fairseq 0.10-0.11, some released models);
+* ``fairseq.distributed.utils._TensorPlaceholder``: not in files, but in the state rank 0 broadcasts
+  to the other ranks on a multi-process resume (``torch.load`` of a buffer).
 
 ``fairseq-train`` with EMA, ``--keep-best-checkpoints`` and ``fairseq-hydra-train`` add nothing
 beyond these (checked by the test suite on real runs).
@@ -35,6 +37,7 @@ from typing import Dict, Iterable, List, Sequence, Set, Union
 
 import numpy as np
 import torch
+from fairseq.distributed.utils import _TensorPlaceholder
 from omegaconf import DictConfig, ListConfig
 from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import AnyNode
@@ -75,6 +78,9 @@ CHECKPOINT_GLOBALS: tuple = (
     list,
     int,
     collections.defaultdict,
+    # multi-process resume: rank 0 broadcasts the loaded state with its tensors replaced by
+    # placeholders, and the other ranks unpickle it with torch.load
+    _TensorPlaceholder,
 )
 
 

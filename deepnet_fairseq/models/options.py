@@ -64,7 +64,9 @@ class DeepNormOptions(FairseqDataclass):
 
 
 OPTION_DEFAULTS = {name: f.default for name, f in DeepNormOptions.__dataclass_fields__.items()}
-# scheme-specific options and the scheme they belong to
+# scheme-specific options and the scheme they belong to; a value equal to the scheme's own default
+# (e.g. --deepnorm-init paper, stored by checkpoints of runs without --deepnorm) is not an error
+SCHEME_OPTION_DEFAULTS = {"deepnorm_init": "paper"}
 OPTION_OWNERS = {
     "deepnorm_init": "deepnorm",
     "deepnorm_alpha": "deepnorm",
@@ -106,7 +108,8 @@ def resolve_scheme_name(args) -> str:
 def validate_options(args, name: str, scheme: ResidualScheme, encoder_layers: int, decoder_layers: int) -> None:
     """Refuse contradictory flags before any layer is built (messages name the flags)."""
     for option, owner in OPTION_OWNERS.items():
-        if owner != name and getattr(args, option, None) not in (None, False, ""):
+        value = getattr(args, option, None)
+        if owner != name and value not in (None, False, "", SCHEME_OPTION_DEFAULTS.get(option)):
             raise DeepNetConfigError(f"{flag(option)} only applies with --residual-scheme {owner}"
                               + (" (or --deepnorm)" if owner == "deepnorm" else ""))
     sides = [s for s, n in (("encoder", encoder_layers), ("decoder", decoder_layers)) if n]
