@@ -1,0 +1,1 @@
+"""deepnet-fairseq benchmarks: ``python benchmarks/run.py`` (see README.md)."""
