@@ -27,6 +27,8 @@ setup(
         "console_scripts": [
             "deepnet-average-checkpoints=deepnet_fairseq.cli.average_checkpoints:main",
             "deepnet-coefficients=deepnet_fairseq.cli.coefficients:main",
+            "deepnet-analyze=deepnet_fairseq.cli.analyze:main",
+            "deepnet-sweep=deepnet_fairseq.cli.sweep:main",
         ],
     },
 )

@@ -20,8 +20,8 @@ from fairseq.models.transformer_lm import (
 from fairseq.utils import safe_getattr
 
 from deepnet_fairseq.models.options import DeepNetConfigError, DeepNormOptions, build_schemes, validate_shapes
+from deepnet_fairseq.models.training import attach_instruments, training_forward
 from deepnet_fairseq.modules.stacks import DeepNetDecoder
-from deepnet_fairseq.schemes.admin import needs_admin_profiling, profile_admin
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +58,16 @@ class DeepNetLanguageModel(TransformerLanguageModel):
             scheme,
             no_encoder_attn=True,
         )
-        return cls(decoder)
+        model = cls(decoder)
+        attach_instruments(model, args)
+        return model
 
     def forward(self, src_tokens, **kwargs):
-        if self.training and needs_admin_profiling(self):
-            profile_admin(self, lambda: super(DeepNetLanguageModel, self).forward(src_tokens, **kwargs))
-        return super().forward(src_tokens, **kwargs)
+        net_input = {"src_tokens": src_tokens}
+        return training_forward(
+            self, net_input, lambda: super(DeepNetLanguageModel, self).forward(src_tokens, **kwargs)
+        )
+
+    def set_num_updates(self, num_updates):
+        self.__dict__["num_updates_seen"] = num_updates
+        super().set_num_updates(num_updates)

@@ -24,8 +24,8 @@ from deepnet_fairseq.models.options import (
     fill_option_defaults,
     validate_shapes,
 )
+from deepnet_fairseq.models.training import attach_instruments, training_forward
 from deepnet_fairseq.modules.stacks import DeepNetDecoder, DeepNetEncoder
-from deepnet_fairseq.schemes.admin import needs_admin_profiling, profile_admin
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +56,20 @@ class DeepNetTransformerModel(TransformerModel):
             encoder_scheme.describe(),
             decoder_scheme.describe(),
         )
-        return super().build_model(args, task)
+        model = super().build_model(args, task)
+        attach_instruments(model, args)
+        return model
 
     def forward(self, src_tokens, src_lengths, prev_output_tokens, **kwargs):
-        if self.training and needs_admin_profiling(self):
-            profile_admin(self, lambda: super(DeepNetTransformerModel, self).forward(
-                src_tokens, src_lengths, prev_output_tokens, **kwargs))
-        return super().forward(src_tokens, src_lengths, prev_output_tokens, **kwargs)
+        net_input = {"src_tokens": src_tokens, "src_lengths": src_lengths, "prev_output_tokens": prev_output_tokens}
+        return training_forward(
+            self, net_input, lambda: super(DeepNetTransformerModel, self).forward(
+                src_tokens, src_lengths, prev_output_tokens, **kwargs)
+        )
+
+    def set_num_updates(self, num_updates):
+        self.__dict__["num_updates_seen"] = num_updates
+        super().set_num_updates(num_updates)
 
     @classmethod
     def build_encoder(cls, args, src_dict, embed_tokens):

@@ -54,6 +54,13 @@ class DeepNormOptions(FairseqDataclass):
     normformer_scale_resids: bool = field(
         default=False, metadata={"help": "normformer: learned residual scale lambda on the FFN sub-layer"}
     )
+    log_stability: bool = field(
+        default=False,
+        metadata={"help": "log per-sub-layer LN input norm, branch ratio, gradient norm and the model update"},
+    )
+    stability_interval: Optional[int] = field(
+        default=None, metadata={"help": "with --log-stability: measure every N updates (default 50)"}
+    )
     stop_on_divergence_patience: Optional[int] = field(
         default=None,
         metadata={
@@ -129,6 +136,11 @@ def validate_options(args, name: str, scheme: ResidualScheme, encoder_layers: in
                 "--residual-scheme rezero with --fp16: the DeepNet paper found ReZero unstable in half precision "
                 "even for shallow models; train in fp32/--bf16, or pass --allow-rezero-fp16 to insist"
             )
+    interval = getattr(args, "stability_interval", None)
+    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
+        raise DeepNetConfigError(f"--stability-interval must be a positive integer, got {interval!r}")
+    if interval is not None and not getattr(args, "log_stability", False):
+        raise DeepNetConfigError("--stability-interval only applies with --log-stability")
     patience = getattr(args, "stop_on_divergence_patience", None)
     if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
         raise DeepNetConfigError(f"--stop-on-divergence-patience must be a positive integer, got {patience!r}")

@@ -41,6 +41,9 @@ class SchemeLayerMixin:
     def residual_connection(self, x: Tensor, residual: Tensor) -> Tensor:
         sublayer = self.sublayers[self._next_sublayer]
         self._next_sublayer += 1
+        observer = self.__dict__.get("stability_observer")  # set only by --log-stability
+        if observer is not None:
+            observer.observe_residual(self, sublayer, x, residual)
         return self.scheme.combine(self, sublayer, x, residual)
 
 

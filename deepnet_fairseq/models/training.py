@@ -1,0 +1,31 @@
+"""What a deepnet model does around its training forward pass: Admin's one-time profiling and the
+``--log-stability`` instruments.  Both are inactive (no extra work) unless their scheme/flag is used."""
+
+from typing import Callable, Dict
+
+from torch import Tensor, nn
+
+from deepnet_fairseq.analysis.instruments import StabilityMonitor
+from deepnet_fairseq.schemes.admin import needs_admin_profiling, profile_admin
+
+
+def attach_instruments(model: nn.Module, args) -> None:
+    """Attach a :class:`StabilityMonitor` when ``--log-stability`` is set."""
+    if getattr(args, "log_stability", False):
+        interval = getattr(args, "stability_interval", None) or 50
+        model.__dict__["stability_monitor"] = StabilityMonitor(model, int(interval))
+
+
+def training_forward(model: nn.Module, net_input: Dict[str, Tensor], run: Callable[[], object]):
+    """Run ``run()`` (the model's forward) with profiling/instruments when they apply."""
+    if not model.training:
+        return run()
+    if needs_admin_profiling(model):
+        profile_admin(model, run)
+    monitor = model.__dict__.get("stability_monitor")
+    if monitor is None or not monitor.is_measurement_step(model.__dict__.get("num_updates_seen", 0)):
+        return run()
+    monitor.begin(model, net_input)
+    output = run()
+    monitor.end(model)
+    return output
