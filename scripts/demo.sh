@@ -8,6 +8,7 @@
 #     PATH=.venv/bin:$PATH bash scripts/demo.sh
 # Every knob is an environment variable (defaults below), e.g.
 #     DEMO_UPDATES=200 DEMO_LAYERS=6 DEMO_OUT=runs/quick bash scripts/demo.sh
+# DEMO_STAGE=data stops after preparing the data (used by deepnet-analyze and deepnet-sweep).
 # Your own corpus: DEMO_TSV=pairs.tsv (columns: target, source[, attribution]) or
 #     DEMO_SRC=corpus.de DEMO_TGT=corpus.en (line-aligned plain text). See docs/demo.md.
 set -euo pipefail
@@ -108,6 +109,11 @@ else
         || { tail -n 20 "$DATA/preprocess.log" >&2; die "fairseq-preprocess failed (log: $DATA/preprocess.log)"; }
     grep -E 'Dictionary|sents' "$DATA/preprocess.log" | sed 's/^.*preprocess:/  /'
     echo "$DATA_KEY" > "$DATA/stamp"
+fi
+
+if [[ ${DEMO_STAGE:-all} == data ]]; then  # deepnet-analyze / deepnet-sweep only need the data
+    say "data ready: $DATA/bin"
+    exit 0
 fi
 
 # ---- 4. train both models in parallel, one CPU thread each --------------------------------------
