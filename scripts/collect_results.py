@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""Collect a grid of recipe runs into the paper's Table 1 layout (rows = schemes, columns = depths).
+
+    python scripts/collect_results.py runs/recipes/wmt17 --recipe wmt17 --markdown table.md --csv table.csv
+
+Every run directory below GRID (any depth) that has a ``train.log`` is one cell.  Its scheme and depths
+come from ``run.json`` (written by the recipes' train.sh), else from a directory name such as
+``deepnorm-18L-18L``.  A cell is
+
+* **diverged** when ``exit_code`` is 3 (the plugin's ``--stop-on-divergence-patience`` exit), the log
+  says "Training diverged" / ``FloatingPointError`` / a NaN or inf loss, or the loss blew up (the last
+  logged training loss is above ``--blowup-factor`` times the lowest one);
+* the BLEU of ``eval/bleu.json`` (``bleu``: tokenized BLEU for WMT/IWSLT, sacreBLEU for OPUS) otherwise;
+* ``running``/``failed``/``no eval`` when training has not finished, crashed, or was not evaluated.
+
+Logs may be fairseq's json format (``"loss": "4.2"``) or its simple format (``loss=4.2``).  With
+``--recipe wmt17`` every cell is printed next to the paper's Table 1 value (from
+docs/deepnet-paper-and-torchscale.md section 3.1; ``*`` marks numbers not confirmed from the paper).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+# Table 1 (WMT-17 En-De test BLEU). Only DeepNet 100L-100L = 28.9 is confirmed by the paper's text; the
+# other cells come from one secondary transcription (the paper shows the table as an image).
+PAPER_TABLE1: Dict[str, Dict[int, Tuple[str, bool]]] = {
+    "post-ln": {6: ("28.1", False), 18: ("28.8", False), 50: ("diverged", False), 100: ("diverged", False)},
+    "ds-init": {6: ("27.9", False), 18: ("28.4", False), 50: ("diverged", False), 100: ("diverged", False)},
+    "admin": {6: ("27.9", False), 18: ("missing", False), 50: ("diverged", False), 100: ("diverged", False)},
+    "rezero": {6: ("26.9", False), 18: ("diverged", False), 50: ("-", False), 100: ("-", False)},
+    "r-fixup": {6: ("27.5", False), 18: ("27.7", False), 50: ("26.7", False), 100: ("diverged", False)},
+    "t-fixup": {6: ("27.5", False), 18: ("27.9", False), 50: ("27.5", False), 100: ("diverged", False)},
+    "pre-ln": {6: ("27.0", False), 18: ("28.0", False), 50: ("27.4", False), 100: ("27.4", False)},
+    "dlcl": {6: ("27.4", False), 18: ("28.2", False), 50: ("diverged?", False), 100: ("27.5", False)},
+    "normformer": {6: ("27.0", False), 18: ("28.3", False), 50: ("27.8", False), 100: ("diverged", False)},
+    "deepnorm": {6: ("27.8", False), 18: ("28.8", False), 50: ("29.0", False), 100: ("28.9", True)},
+}
+SCHEME_ORDER = list(PAPER_TABLE1)
+SCHEME_LABEL = {"post-ln": "Vanilla Post-LN", "ds-init": "DS-Init", "admin": "Admin", "rezero": "ReZero",
+                "r-fixup": "R-Fixup", "t-fixup": "T-Fixup", "pre-ln": "Vanilla Pre-LN", "dlcl": "DLCL",
+                "normformer": "NormFormer", "deepnorm": "DeepNet"}
+NAME = re.compile(r"^(?P<scheme>.+?)[-_](?P<enc>\d+)L-(?P<dec>\d+)L$")
+JSON_LOSS = re.compile(r'"(?:train_)?loss":\s*"?([^",}]+)"?')
+SIMPLE_LOSS = re.compile(r"\bloss[=\s]+([-+0-9.eE]+|nan|inf|-inf)\b", re.IGNORECASE)
+DIVERGED_TEXT = ("Training diverged", "FloatingPointError", "Minimum loss scale reached")
+
+
+@dataclass
+class Cell:
+    scheme: str
+    encoder_layers: int
+    decoder_layers: int
+    status: str  # ok | diverged | running | failed | no eval
+    bleu: Optional[float]
+    sacrebleu: Optional[float]
+    reason: str
+    path: Path
+
+    @property
+    def depth(self) -> str:
+        return f"{self.encoder_layers}L-{self.decoder_layers}L"
+
+    def text(self) -> str:
+        if self.status == "ok" and self.bleu is not None:
+            return f"{self.bleu:.1f}"
+        return self.status
+
+
+def train_losses(log: Path) -> List[float]:
+    losses = []
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        if "train_inner" not in line and "| train |" not in line:
+            continue
+        match = JSON_LOSS.search(line) if "{" in line else SIMPLE_LOSS.search(line)
+        if match:
+            try:
+                losses.append(float(match.group(1)))
+            except ValueError:
+                losses.append(math.nan)
+    return losses
+
+
+def divergence(run: Path, blowup: float) -> Optional[str]:
+    code = (run / "exit_code").read_text().strip() if (run / "exit_code").exists() else None
+    if code == "3":
+        return "exit code 3 (--stop-on-divergence-patience)"
+    log = run / "train.log"
+    text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
+    for marker in DIVERGED_TEXT:
+        if marker in text:
+            return f"log: {marker}"
+    losses = train_losses(log) if log.exists() else []
+    if any(not math.isfinite(x) for x in losses):
+        return "non-finite training loss"
+    finite = [x for x in losses if math.isfinite(x)]
+    if len(finite) >= 2 and finite[-1] > blowup * min(finite):
+        return f"loss blew up ({min(finite):.3g} -> {finite[-1]:.3g})"
+    return None
+
+
+def read_cell(run: Path, blowup: float) -> Optional[Cell]:
+    info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    match = NAME.match(run.name)
+    scheme = info.get("scheme") or (match and match.group("scheme"))
+    enc = info.get("encoder_layers") or (match and int(match.group("enc")))
+    dec = info.get("decoder_layers") or (match and int(match.group("dec")))
+    if not scheme or not enc or not dec:
+        return None
+    bleu = sacre = None
+    reason = divergence(run, blowup)
+    exit_code = (run / "exit_code").read_text().strip() if (run / "exit_code").exists() else None
+    eval_json = run / "eval" / "bleu.json"
+    if reason:
+        status = "diverged"
+    elif exit_code is None:
+        status, reason = "running", "no exit_code yet"
+    elif exit_code != "0":
+        status, reason = "failed", f"exit code {exit_code}"
+    elif not eval_json.exists():
+        status, reason = "no eval", "run evaluate.sh"
+    else:
+        result = json.loads(eval_json.read_text())
+        status, bleu, sacre = "ok", result.get("bleu"), result.get("sacrebleu")
+        reason = result.get("signature") or ""
+    return Cell(str(scheme), int(enc), int(dec), status, bleu, sacre, reason or "", run)
+
+
+def collect(grid: Path, blowup: float) -> List[Cell]:
+    cells = []
+    for log in sorted(grid.rglob("train.log")):
+        cell = read_cell(log.parent, blowup)
+        if cell is not None:
+            cells.append(cell)
+    return cells
+
+
+def paper_value(recipe: str, scheme: str, cell_depth: Tuple[int, int]) -> Optional[str]:
+    if recipe != "wmt17" or cell_depth[0] != cell_depth[1]:
+        return None
+    entry = PAPER_TABLE1.get(scheme, {}).get(cell_depth[0])
+    if entry is None:
+        return None
+    value, confirmed = entry
+    return value if confirmed else value + "*"
+
+
+def build_table(cells: List[Cell], recipe: str) -> Tuple[List[str], List[str], Dict[Tuple[str, str], Cell]]:
+    by_key = {(c.scheme, c.depth): c for c in cells}
+    depths = sorted({(c.encoder_layers, c.decoder_layers) for c in cells})
+    schemes = sorted({c.scheme for c in cells}, key=lambda s: (SCHEME_ORDER.index(s) if s in SCHEME_ORDER else 99, s))
+    if recipe == "wmt17":
+        depths = sorted(set(depths) | {(d, d) for d in (6, 18, 50, 100)})
+        schemes = SCHEME_ORDER + [s for s in schemes if s not in SCHEME_ORDER]
+    return schemes, [f"{e}L-{d}L" for e, d in depths], by_key
+
+
+def markdown(cells: List[Cell], recipe: str) -> str:
+    schemes, depths, by_key = build_table(cells, recipe)
+    with_paper = recipe == "wmt17"
+    head = "| Model | " + " | ".join(depths) + " |"
+    out = [head, "|" + "---|" * (len(depths) + 1)]
+    for scheme in schemes:
+        row = [SCHEME_LABEL.get(scheme, scheme) if with_paper else scheme]
+        for depth in depths:
+            cell = by_key.get((scheme, depth))
+            ours = cell.text() if cell else "-"
+            if with_paper:
+                enc, dec = (int(x) for x in depth.replace("L", "").split("-"))
+                paper = paper_value(recipe, scheme, (enc, dec)) or "-"
+                row.append(f"{ours} ({paper})")
+            else:
+                row.append(ours)
+        out.append("| " + " | ".join(row) + " |")
+    if with_paper:
+        out.append("")
+        out.append("Cells: ours (paper). Paper numbers: Table 1 of Wang et al. 2022, WMT-17 En-De test BLEU; "
+                   "`*` = not confirmed from the paper's text (secondary transcription); only DeepNet 100L-100L = "
+                   "28.9 is confirmed. \"diverged\": exit code 3, NaN/inf, or the loss blew up.")
+    return "\n".join(out) + "\n"
+
+
+def to_csv(cells: List[Cell], recipe: str) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["scheme", "depth", "status", "bleu", "sacrebleu", "paper", "paper_confirmed", "detail", "run"])
+    schemes, depths, by_key = build_table(cells, recipe)
+    for scheme in schemes:
+        for depth in depths:
+            cell = by_key.get((scheme, depth))
+            enc, dec = (int(x) for x in depth.replace("L", "").split("-"))
+            paper = paper_value(recipe, scheme, (enc, dec))
+            if cell is None and paper is None:
+                continue
+            writer.writerow([
+                scheme, depth, cell.status if cell else "not run",
+                "" if not cell or cell.bleu is None else cell.bleu,
+                "" if not cell or cell.sacrebleu is None else cell.sacrebleu,
+                (paper or "").rstrip("*"), "" if paper is None else ("no" if paper.endswith("*") else "yes"),
+                cell.reason if cell else "", str(cell.path) if cell else "",
+            ])
+    return buffer.getvalue()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("grid", type=Path, help="directory holding the run directories")
+    parser.add_argument("--recipe", choices=("wmt17", "iwslt14", "opus100", "none"), default="wmt17",
+                        help="wmt17 adds the paper's Table 1 numbers (default)")
+    parser.add_argument("--markdown", type=Path, help="also write the Markdown table here")
+    parser.add_argument("--csv", type=Path, help="write the CSV here (default: printed after the Markdown)")
+    parser.add_argument("--blowup-factor", type=float, default=1.5,
+                        help="diverged when the last training loss > FACTOR x the lowest one (default 1.5)")
+    args = parser.parse_args(argv)
+    if not args.grid.is_dir():
+        parser.error(f"{args.grid}: no such directory")
+    if args.blowup_factor <= 1:
+        parser.error("--blowup-factor must be > 1")
+    cells = collect(args.grid, args.blowup_factor)
+    if not cells:
+        print(f"collect_results.py: error: no run directories with a train.log under {args.grid}", file=sys.stderr)
+        return 1
+    table, table_csv = markdown(cells, args.recipe), to_csv(cells, args.recipe)
+    print(table)
+    if args.markdown:
+        args.markdown.write_text(table, encoding="utf-8")
+    if args.csv:
+        args.csv.write_text(table_csv, encoding="utf-8")
+    else:
+        print(table_csv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

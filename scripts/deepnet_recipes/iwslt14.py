@@ -1,0 +1,313 @@
+"""IWSLT-14 German-English (the paper's Fig. 6 depth sweep): prepare, train, evaluate, sweep.
+
+    scripts/iwslt14/prepare.sh [--out-dir DIR] [--data-dir ARCHIVES] ...
+    scripts/iwslt14/train.sh SCHEME ENC_LAYERS DEC_LAYERS [GPUS [UPDATE_FREQ|auto]] [overrides] [-- fairseq flags]
+    scripts/iwslt14/evaluate.sh RUN_DIR
+    scripts/iwslt14/sweep.sh [--schemes a,b,...] [--depths 10,20,...,100] [GPUS] [overrides] [-- fairseq flags]
+
+The standard split (as fairseq's prepare-iwslt14.sh): training = train.tags.de-en without its metadata
+lines, Moses-tokenized and lowercased, pairs cleaned to 1-175 tokens with length ratio <= 1.5, every
+23rd pair held out as valid; test = dev2010 + TEDX.dev2012 + tst2010 + tst2011 + tst2012 (the XML
+files); a joint SentencePiece BPE of 10k (fairseq uses 10k subword-nmt BPE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from deepnet_recipes.common import (
+    EXIT_DIVERGED,
+    REPO,
+    SCRIPTS,
+    USER_DIR,
+    Runner,
+    Step,
+    add_common_args,
+    add_download_args,
+    cli,
+    fetch_step,
+    python_tool,
+    require_tools,
+    tool_env,
+)
+from deepnet_recipes.training import (
+    TrainPlan,
+    add_eval_args,
+    add_train_overrides,
+    checkpoint_step,
+    data_meta,
+    default_run_dir,
+    resolve_plan_numbers,
+    run_info,
+    run_training,
+    split_extra,
+)
+
+HERE = SCRIPTS / "iwslt14"
+CHECKSUMS = HERE / "checksums.sha256"
+SRC, TGT = "de", "en"
+ARCHIVE = "de-en.tgz"
+URL = "http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz"  # fairseq's mirror of the WIT3 release
+TEST_SETS = ["IWSLT14.TED.dev2010", "IWSLT14.TEDX.dev2012", "IWSLT14.TED.tst2010", "IWSLT14.TED.tst2011",
+             "IWSLT14.TED.tst2012"]
+SCHEMES = ["post-ln", "ds-init", "admin", "rezero", "r-fixup", "t-fixup", "pre-ln", "dlcl", "normformer", "deepnorm"]
+DEPTHS = list(range(10, 101, 10))
+MAX_TOKENS = 4096
+TARGET_TOKENS = 8 * 4096  # recipe choice (Table 4 of the paper is not confirmed): 8 GPUs x 4096 tokens
+DEFAULT_OUT = REPO / "runs" / "recipes" / "iwslt14_de_en"
+
+
+def default_data() -> Path:
+    return DEFAULT_OUT / "bin"
+
+
+def prepare_steps(args: argparse.Namespace) -> List[Step]:
+    out: Path = args.out_dir.resolve()
+    raw, orig, text, bin_dir = out / "raw", out / "orig", out / "text", out / "bin"
+    src_dir = orig / "de-en"
+    env = tool_env()
+    steps = [fetch_step(ARCHIVE, URL, raw, args, CHECKSUMS),
+             Step("mkdir", ["mkdir", "-p", str(orig), str(text), str(bin_dir)], always=True),
+             Step("extract", ["tar", "-xzf", str(raw / ARCHIVE), "-C", str(orig)])]
+    for lang in (SRC, TGT):
+        steps.append(Step(f"train-tags-{lang}", python_tool("iwslt-tags", src_dir / f"train.tags.de-en.{lang}",
+                                                            text / f"train.raw.{lang}"), env=env))
+        for name in TEST_SETS:
+            steps.append(Step(f"xml-{name}-{lang}", python_tool(
+                "sgm", src_dir / f"{name}.de-en.{lang}.xml", text / f"{name}.{lang}", "--ascii-apostrophe"), env=env))
+        steps.append(Step(f"test-{lang}", python_tool("concat", text / f"test.raw.{lang}",
+                                                      *[text / f"{n}.{lang}" for n in TEST_SETS]), env=env))
+        for split in ("train", "test"):
+            steps.append(Step(f"tokenize-{split}-{lang}", python_tool(
+                "tokenize", text / f"{split}.raw.{lang}", text / f"{split}.tok.{lang}", "--lang", lang,
+                "--lowercase", "--workers", args.workers), env=env))
+    steps.append(Step("clean-train", python_tool(
+        "clean", "--src", text / f"train.tok.{SRC}", "--tgt", text / f"train.tok.{TGT}",
+        "--src-out", text / f"train.clean.{SRC}", "--tgt-out", text / f"train.clean.{TGT}",
+        "--ratio", 1.5, "--min", 1, "--max", 175), env=env))
+    steps.append(Step("split-valid", python_tool(
+        "split-every", "--src", text / f"train.clean.{SRC}", "--tgt", text / f"train.clean.{TGT}",
+        "--src-lang", SRC, "--tgt-lang", TGT, "--every", 23, "--every-out", text / "valid.tok",
+        "--rest-out", text / "train.final"), env=env))
+    steps.append(Step("spm-train", python_tool(
+        "spm-train", "--inputs", text / f"train.final.{SRC}", text / f"train.final.{TGT}",
+        "--model-prefix", out / "spm" / "spm", "--vocab-size", args.vocab_size, "--model-type", "bpe",
+        "--threads", args.workers), env=env))
+    pairs = [f"{text / f'{name}.{lang}'}:{text / f'{split}.spm.{lang}'}"
+             for split, name in (("train", "train.final"), ("valid", "valid.tok"), ("test", "test.tok"))
+             for lang in (SRC, TGT)]
+    steps.append(Step("spm-encode", python_tool("spm-encode", "--model", out / "spm" / "spm.model", *pairs), env=env))
+    steps.append(Step("binarize", [
+        "fairseq-preprocess", "--source-lang", SRC, "--target-lang", TGT, "--joined-dictionary",
+        "--trainpref", str(text / "train.spm"), "--validpref", str(text / "valid.spm"),
+        "--testpref", str(text / "test.spm"), "--destdir", str(bin_dir), "--workers", str(args.workers)],
+        log=out / "preprocess.log"))
+    return steps
+
+
+def prepare(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="prepare.sh", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}")
+    parser.add_argument("--vocab-size", type=int, default=10000, help="joint SentencePiece BPE size (default 10000)")
+    add_download_args(parser, CHECKSUMS)
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    if args.vocab_size < 100 or args.workers < 1:
+        parser.error("--vocab-size must be >= 100 and --workers >= 1")
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        parser.error(f"--data-dir {args.data_dir}: not a directory")
+    out = args.out_dir.resolve()
+    if not args.dry_run:
+        require_tools(["fairseq-preprocess", "tar"], ["sacremoses", "sentencepiece"])
+        out.mkdir(parents=True, exist_ok=True)
+    Runner(out / ".stamps", args.dry_run, "iwslt14/prepare.sh").run_all(prepare_steps(args))
+    if not args.dry_run:
+        text = out / "text"
+        meta = {"recipe": "iwslt14", "src": SRC, "tgt": TGT, "ref_tok": str(text / f"test.tok.{TGT}"),
+                "ref_raw": str(text / f"test.raw.{TGT}"), "spm_model": str(out / "spm" / "spm.model")}
+        (out / "bin" / "recipe.json").write_text(json.dumps(meta, indent=2) + "\n")
+        print(f"[iwslt14/prepare.sh] done: binarized data in {out / 'bin'}")
+    return 0
+
+
+def recipe_flags(scheme: str, encoder_layers: int, decoder_layers: int) -> List[str]:
+    flags = [
+        "--task", "translation", "--source-lang", SRC, "--target-lang", TGT,
+        "--arch", "deepnet_transformer", "--residual-scheme", scheme,
+        "--encoder-layers", str(encoder_layers), "--decoder-layers", str(decoder_layers),
+        # fairseq's transformer_iwslt_de_en sizes (proxy: Table 4 not confirmed): 512 / FFN 1024 / 4 heads
+        "--encoder-ffn-embed-dim", "1024", "--decoder-ffn-embed-dim", "1024",
+        "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
+        "--share-all-embeddings",
+        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "0.0",
+        "--lr", "5e-4", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4000", "--warmup-init-lr", "1e-7",
+        "--dropout", "0.3", "--weight-decay", "1e-4",
+        "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+        "--max-tokens", str(MAX_TOKENS), "--update-freq", "1",
+        "--max-update", "8000",  # 8,000 steps per depth [paper text, Fig. 6]
+        "--stop-on-divergence-patience", "20",
+        "--no-epoch-checkpoints", "--seed", "1", "--log-format", "json", "--log-interval", "100",
+        "--no-progress-bar",
+    ]
+    if scheme != "rezero":
+        flags.append("--fp16")  # mixed precision for every model except ReZero [paper text, Fig. 6]
+    return flags
+
+
+def train(argv: Optional[Sequence[str]] = None) -> int:
+    argv, extra = split_extra(argv)
+    parser = argparse.ArgumentParser(prog="train.sh", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("scheme", help=f"residual scheme ({', '.join(SCHEMES)}; any --residual-scheme name)")
+    parser.add_argument("encoder_layers", type=int)
+    parser.add_argument("decoder_layers", type=int)
+    parser.add_argument("gpus", type=int, nargs="?", default=1, help="GPUs (default 1)")
+    parser.add_argument("update_freq", nargs="?", default="auto",
+                        help=f"'auto' (default) keeps the {TARGET_TOKENS // 4096} x 4096-token global batch")
+    add_train_overrides(parser)
+    args = parser.parse_args(argv)
+    if args.encoder_layers < 1 or args.decoder_layers < 1:
+        parser.error("encoder and decoder layers must be positive integers")
+    max_tokens, update_freq = resolve_plan_numbers(parser, args, args.gpus, args.update_freq, MAX_TOKENS,
+                                                   TARGET_TOKENS)
+    name = f"{args.scheme}-{args.encoder_layers}L-{args.decoder_layers}L"
+    plan = TrainPlan(
+        recipe="iwslt14", data=(args.data or default_data()).resolve(),
+        save_dir=(args.save_dir or default_run_dir("iwslt14", name)).resolve(), scheme=args.scheme,
+        encoder_layers=args.encoder_layers, decoder_layers=args.decoder_layers, gpus=args.gpus,
+        max_tokens=max_tokens, update_freq=update_freq, target_tokens=TARGET_TOKENS,
+        flags=recipe_flags(args.scheme, args.encoder_layers, args.decoder_layers),
+    )
+    return run_training(plan, args, extra, "iwslt14/train.sh")
+
+
+def evaluate(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="evaluate.sh", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_eval_args(parser, average=0)
+    parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--lenpen", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    save_dir = args.save_dir.resolve()
+    args.save_dir = save_dir
+    if not args.dry_run and not save_dir.is_dir():
+        parser.error(f"{save_dir}: no such run directory")
+    data = (args.data or Path(run_info(save_dir).get("data", default_data()))).resolve()
+    if args.dry_run and not (data / "recipe.json").exists():
+        text = data.parent / "text"
+        meta = {"ref_tok": str(text / f"test.tok.{TGT}"), "ref_raw": str(text / f"test.raw.{TGT}")}
+    else:
+        meta = data_meta(data)
+    if not args.dry_run:
+        require_tools(["fairseq-generate"], ["sacrebleu", "sacremoses"])
+    eval_dir = save_dir / "eval"
+    steps, checkpoint = checkpoint_step(args, "iwslt14/evaluate.sh")
+    gen = ["fairseq-generate", str(data), "--user-dir", str(USER_DIR), "--path", str(checkpoint),
+           "--task", "translation", "--source-lang", SRC, "--target-lang", TGT, "--gen-subset", "test",
+           "--beam", str(args.beam), "--lenpen", str(args.lenpen), "--remove-bpe", "sentencepiece",
+           "--max-tokens", str(args.max_tokens), "--max-len-b", str(args.max_len_b),
+           "--required-batch-size-multiple", "1"]
+    gen += ["--cpu", "--num-workers", "0"] if args.cpu else ["--fp16"]
+    steps.append(Step("generate", gen, stdout=eval_dir / "generate.out", log=eval_dir / "generate.log"))
+    steps.append(Step("bleu", python_tool(
+        "bleu", "--generate-output", eval_dir / "generate.out", "--ref-tok", meta["ref_tok"],
+        "--ref-raw", meta["ref_raw"], "--detok-lang", TGT, "--lowercase", "--hyp-out", eval_dir / f"test.hyp.{TGT}",
+        "--primary", "tok_bleu", "--json", eval_dir / "bleu.json", "--name", save_dir.name), env=tool_env()))
+    Runner(eval_dir / ".stamps", args.dry_run, "iwslt14/evaluate.sh").run_all(steps)
+    return 0
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def sweep(argv: Optional[Sequence[str]] = None) -> int:
+    argv, extra = split_extra(argv)
+    parser = argparse.ArgumentParser(prog="sweep.sh", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("gpus", type=int, nargs="?", default=1, help="GPUs per run (default 1)")
+    parser.add_argument("--schemes", default=",".join(SCHEMES), help="comma-separated (default: Table 1's ten)")
+    parser.add_argument("--depths", type=_int_list, default=DEPTHS,
+                        help="N for the NL-NL models (default 10,20,...,100)")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "recipes" / "iwslt14_sweep",
+                        help="one run directory per (scheme, depth) under here")
+    for flag in ("--embed-dim", "--ffn-dim", "--heads", "--max-update", "--max-tokens", "--log-interval"):
+        parser.add_argument(flag, type=int, help="passed to train.sh")
+    parser.add_argument("--update-freq", default="auto", help="passed to train.sh (default auto)")
+    parser.add_argument("--data", type=Path, help="passed to train.sh/evaluate.sh")
+    parser.add_argument("--cpu", action="store_true", help="passed to train.sh/evaluate.sh")
+    parser.add_argument("--max-len-b", type=int, help="passed to evaluate.sh")
+    parser.add_argument("--dry-run", action="store_true", help="print every command and exit")
+    args = parser.parse_args(argv)
+    schemes = [s for s in args.schemes.split(",") if s]
+    if not schemes:
+        parser.error("--schemes is empty")
+    if args.gpus < 1:
+        parser.error("gpus must be a positive integer")
+    out = args.out.resolve()
+    base = [sys.executable, "-m", "deepnet_recipes.iwslt14"]
+    passthrough: List[str] = []
+    for name in ("embed_dim", "ffn_dim", "heads", "max_update", "max_tokens", "log_interval"):
+        if getattr(args, name):
+            passthrough += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if args.data:
+        passthrough += ["--data", str(args.data.resolve())]
+    if args.cpu:
+        passthrough.append("--cpu")
+    results = []
+    env = dict(__import__("os").environ, **tool_env())
+    for scheme in schemes:
+        for depth in args.depths:
+            run_dir = out / f"{scheme}-{depth}L-{depth}L"
+            train_cmd = base + ["train", scheme, str(depth), str(depth), str(args.gpus), args.update_freq,
+                                "--save-dir", str(run_dir), *passthrough]
+            if extra:
+                train_cmd += ["--", *extra]
+            eval_cmd = base + ["evaluate", str(run_dir)]
+            if args.data:
+                eval_cmd += ["--data", str(args.data.resolve())]
+            if args.cpu:
+                eval_cmd.append("--cpu")
+            if args.max_len_b:
+                eval_cmd += ["--max-len-b", str(args.max_len_b)]
+            if args.dry_run:
+                print(Step("train", train_cmd, env=tool_env()).render())
+                print(Step("evaluate", eval_cmd, env=tool_env()).render())
+                continue
+            print(f"[iwslt14/sweep.sh] {scheme} {depth}L-{depth}L -> {run_dir}", flush=True)
+            code = subprocess.call(train_cmd, env=env)
+            if code == 0:
+                status = "finished"
+                if subprocess.call(eval_cmd, env=env) != 0:
+                    status = "evaluation failed"
+            elif code == EXIT_DIVERGED:
+                status = "diverged"
+            else:
+                status = f"failed (exit {code})"
+            print(f"[iwslt14/sweep.sh] {scheme} {depth}L-{depth}L: {status}", flush=True)
+            results.append((scheme, depth, status))
+    if args.dry_run:
+        return 0
+    table = [sys.executable, str(SCRIPTS / "collect_results.py"), str(out), "--recipe", "iwslt14",
+             "--markdown", str(out / "results.md"), "--csv", str(out / "results.csv")]
+    subprocess.call(table, env=env)
+    failed = [r for r in results if r[2].startswith(("failed", "evaluation"))]
+    return 1 if failed else 0
+
+
+ACTIONS = {"prepare": prepare, "train": train, "evaluate": evaluate, "sweep": sweep}
+
+if __name__ == "__main__":
+    sys.exit(cli(__doc__, ACTIONS))

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Train one IWSLT-14 run: train.sh SCHEME ENC_LAYERS DEC_LAYERS [GPUS [UPDATE_FREQ|auto]].
+# Options: iwslt14/train.sh --help.  Every step is printed with --dry-run; see docs/recipes.md.
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+export PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python}
+command -v "$PY" >/dev/null || { echo "iwslt14/train.sh: error: $PY not found (activate the venv: . .venv/bin/activate)" >&2; exit 5; }
+exec "$PY" -m deepnet_recipes.iwslt14 train "$@"

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Per-direction detokenized sacreBLEU and the En->X / X->En averages of Table 2.
+# Options: opus100/evaluate.sh --help.  Every step is printed with --dry-run; see docs/recipes.md.
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+export PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python}
+command -v "$PY" >/dev/null || { echo "opus100/evaluate.sh: error: $PY not found (activate the venv: . .venv/bin/activate)" >&2; exit 5; }
+exec "$PY" -m deepnet_recipes.opus100 evaluate "$@"
