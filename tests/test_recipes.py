@@ -60,17 +60,23 @@ def bleu_of(run: Path) -> dict:
 
 
 # ---- WMT-17 ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def wmt(tmp_path_factory):
-    root, lock = shared_dir(tmp_path_factory, "wmt17")
-    if not (root / "checksums.sha256").exists():
-        write_checksums(make_wmt17(root / "archives"), root / "checksums.sha256")
+def prepared(tmp_path_factory, recipe: str, make_archives) -> dict:
+    """``recipe``'s prepare.sh run on generated archives, once per session (the first worker prepares; under
+    the flock the others re-run it on finished data, which only skips its stamped steps)."""
+    root, lock = shared_dir(tmp_path_factory, recipe)
     sums = root / "checksums.sha256"
+    if not sums.exists():
+        write_checksums(make_archives(root / "archives"), sums)
     out = root / "prep"
-    first = sh("wmt17/prepare.sh", "--data-dir", root / "archives", "--out-dir", out, "--vocab-size", 300,
+    first = sh(f"{recipe}/prepare.sh", "--data-dir", root / "archives", "--out-dir", out, "--vocab-size", 300,
                "--workers", 1, checksums=sums)
     lock.close()  # releases the flock
     return {"root": root, "sums": sums, "out": out, "first": first}
+
+
+@pytest.fixture(scope="module")
+def wmt(tmp_path_factory):
+    return prepared(tmp_path_factory, "wmt17", make_wmt17)
 
 
 class TestWmt17:
@@ -143,15 +149,7 @@ class TestWmt17:
 # ---- IWSLT-14 -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def iwslt(tmp_path_factory):
-    root, lock = shared_dir(tmp_path_factory, "iwslt14")
-    if not (root / "checksums.sha256").exists():
-        write_checksums(make_iwslt14(root / "archives"), root / "checksums.sha256")
-    sums = root / "checksums.sha256"
-    out = root / "prep"
-    sh("iwslt14/prepare.sh", "--data-dir", root / "archives", "--out-dir", out, "--vocab-size", 300,
-       "--workers", 1, checksums=sums)
-    lock.close()  # releases the flock
-    return {"root": root, "out": out}
+    return prepared(tmp_path_factory, "iwslt14", make_iwslt14)
 
 
 class TestIwslt14:
@@ -189,15 +187,7 @@ class TestIwslt14:
 # ---- OPUS-100 -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def opus(tmp_path_factory):
-    root, lock = shared_dir(tmp_path_factory, "opus100")
-    if not (root / "checksums.sha256").exists():
-        write_checksums(make_opus100(root / "archives"), root / "checksums.sha256")
-    sums = root / "checksums.sha256"
-    out = root / "prep"
-    sh("opus100/prepare.sh", "--data-dir", root / "archives", "--out-dir", out, "--vocab-size", 300,
-       "--workers", 1, checksums=sums)
-    lock.close()  # releases the flock
-    return {"root": root, "out": out}
+    return prepared(tmp_path_factory, "opus100", make_opus100)
 
 
 class TestOpus100:

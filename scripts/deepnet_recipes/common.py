@@ -20,7 +20,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 SCRIPTS = Path(__file__).resolve().parent.parent
 REPO = SCRIPTS.parent
@@ -164,6 +164,34 @@ def checksums_file(default: Path, given: Optional[Path]) -> Path:
         return given
     env = os.environ.get(CHECKSUMS_ENV)
     return Path(env) if env else default
+
+
+def recipe_parser(prog: str, doc: Optional[str]) -> argparse.ArgumentParser:
+    """The argument parser of one recipe action (``prog`` = the wrapper script, ``doc`` = the recipe's docstring)."""
+    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def start_prepare(argv: Optional[Sequence[str]], doc: Optional[str], default_out: Path, checksums: Path,
+                  modules: Iterable[str], add_options: Callable[[argparse.ArgumentParser], None]
+                  ) -> Tuple[argparse.Namespace, Path]:
+    """prepare.sh's command line: ``--out-dir``, the recipe's options (``add_options``, which must add
+    ``--vocab-size``), the download and common options. Checks ``--vocab-size``/``--workers``/``--data-dir``
+    and, unless ``--dry-run``, the tools prepare.sh calls; returns (args, the resolved ``--out-dir``, created)."""
+    parser = recipe_parser("prepare.sh", doc)
+    parser.add_argument("--out-dir", type=Path, default=default_out, help=f"default {default_out}")
+    add_options(parser)
+    add_download_args(parser, checksums)
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    if args.vocab_size < 100 or args.workers < 1:
+        parser.error("--vocab-size must be >= 100 and --workers >= 1")
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        parser.error(f"--data-dir {args.data_dir}: not a directory")
+    out = args.out_dir.resolve()
+    if not args.dry_run:
+        require_tools(["fairseq-preprocess", "tar"], modules)
+        out.mkdir(parents=True, exist_ok=True)
+    return args, out
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:

@@ -25,26 +25,26 @@ from deepnet_recipes.common import (
     EXIT_USAGE,
     REPO,
     SCRIPTS,
-    USER_DIR,
     RecipeError,
     Runner,
     Step,
-    add_common_args,
-    add_download_args,
     cli,
     fetch_step,
     python_tool,
+    recipe_parser,
     require_tools,
+    start_prepare,
     tool_env,
 )
 from deepnet_recipes.training import (
     TrainPlan,
-    add_eval_args,
     add_train_overrides,
     checkpoint_step,
     default_run_dir,
+    eval_data,
+    eval_parser,
+    generate_command,
     resolve_plan_numbers,
-    run_info,
     run_training,
     split_extra,
 )
@@ -92,22 +92,15 @@ def discover(sup: Path, langs: Optional[List[str]], dry_run: bool) -> Dict[str, 
     return found
 
 
-def prepare(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="prepare.sh", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}")
+def prepare_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--langs", help="only these non-English languages (comma-separated; default all 99)")
     parser.add_argument("--vocab-size", type=int, default=64000, help="joint SentencePiece size (default 64000)")
     parser.add_argument("--spm-sentences", type=int, default=10_000_000)
-    add_download_args(parser, CHECKSUMS)
-    add_common_args(parser)
-    args = parser.parse_args(argv)
-    if args.vocab_size < 100 or args.workers < 1:
-        parser.error("--vocab-size must be >= 100 and --workers >= 1")
-    if args.data_dir is not None and not args.data_dir.is_dir():
-        parser.error(f"--data-dir {args.data_dir}: not a directory")
+
+
+def prepare(argv: Optional[Sequence[str]] = None) -> int:
+    args, out = start_prepare(argv, __doc__, DEFAULT_OUT, CHECKSUMS, ["sentencepiece"], prepare_options)
     langs = [x for x in (args.langs or "").split(",") if x] or None
-    out = args.out_dir.resolve()
     raw, orig, text, bin_dir = out / "raw", out / "orig", out / "text", out / "bin"
     if not args.dry_run:
         require_tools(["fairseq-preprocess", "tar"], ["sentencepiece"])
@@ -213,8 +206,7 @@ def recipe_flags(layers: int, data: Path, meta: dict) -> List[str]:
 
 def train(argv: Optional[Sequence[str]] = None) -> int:
     argv, extra = split_extra(argv)
-    parser = argparse.ArgumentParser(prog="train.sh", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = recipe_parser("train.sh", __doc__)
     parser.add_argument("model", choices=sorted(MODELS), help="200l = 100L-100L, 1000l = 500L-500L")
     parser.add_argument("gpus", type=int, nargs="?", default=8, help="GPUs (default 8 x 80 GB)")
     parser.add_argument("update_freq", nargs="?", default="auto",
@@ -241,18 +233,11 @@ def train(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def evaluate(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="evaluate.sh", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_eval_args(parser, average=0)
-    parser.add_argument("--beam", type=int, default=5)
-    parser.add_argument("--lenpen", type=float, default=1.0)
+    parser = eval_parser(__doc__, average=0, beam=5, lenpen=1.0)
     parser.add_argument("--directions", help="only these (comma-separated, e.g. de-en,en-de)")
     args = parser.parse_args(argv)
-    save_dir = args.save_dir.resolve()
-    args.save_dir = save_dir
-    if not args.dry_run and not save_dir.is_dir():
-        parser.error(f"{save_dir}: no such run directory")
-    data = (args.data or Path(run_info(save_dir).get("data", default_data()))).resolve()
+    data = eval_data(parser, args, default_data())
+    save_dir: Path = args.save_dir
     meta = load_meta(data, args.dry_run)
     if not args.dry_run:
         require_tools(["fairseq-generate"], ["sacrebleu"])
@@ -268,12 +253,7 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> int:
     for src, tgt in directions:
         name = f"{src}-{tgt}"
         xx = src if tgt == "en" else tgt
-        gen = ["fairseq-generate", str(data), "--user-dir", str(USER_DIR), "--path", str(checkpoint),
-               *task_flags(data, meta), "--source-lang", src, "--target-lang", tgt, "--gen-subset", "test",
-               "--beam", str(args.beam), "--lenpen", str(args.lenpen), "--remove-bpe", "sentencepiece",
-               "--max-tokens", str(args.max_tokens), "--max-len-b", str(args.max_len_b),
-           "--required-batch-size-multiple", "1"]
-        gen += ["--cpu", "--num-workers", "0"] if args.cpu else ["--fp16"]
+        gen = generate_command(data, checkpoint, task_flags(data, meta), src, tgt, args)
         steps.append(Step(f"generate-{name}", gen, stdout=eval_dir / f"generate.{name}.out",
                           log=eval_dir / f"generate.{name}.log"))
         steps.append(Step(f"bleu-{name}", python_tool(

@@ -335,6 +335,15 @@ def cmd_bleu(args: argparse.Namespace) -> None:
 
 
 # ---- CLI ------------------------------------------------------------------------------------------
+def add_file_command(sub, name: str, func, *paths: str) -> argparse.ArgumentParser:
+    """Subcommand ``name`` (runs ``func``) with the positional file arguments ``paths``."""
+    p = sub.add_parser(name)
+    for path in paths:
+        p.add_argument(path, type=Path)
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m deepnet_recipes.tools", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -351,30 +360,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60)
     p.set_defaults(func=cmd_fetch)
 
-    p = sub.add_parser("sgm")
-    p.add_argument("input", type=Path)
-    p.add_argument("output", type=Path)
+    p = add_file_command(sub, "sgm", cmd_sgm, "input", "output")
     p.add_argument("--ascii-apostrophe", action="store_true", help="map U+2019 to ' (as fairseq's IWSLT script)")
-    p.set_defaults(func=cmd_sgm)
 
-    p = sub.add_parser("iwslt-tags")
-    p.add_argument("input", type=Path)
-    p.add_argument("output", type=Path)
-    p.set_defaults(func=cmd_iwslt_tags)
+    add_file_command(sub, "iwslt-tags", cmd_iwslt_tags, "input", "output")
 
     p = sub.add_parser("concat")
     p.add_argument("output", type=Path)
     p.add_argument("inputs", type=Path, nargs="+")
     p.set_defaults(func=cmd_concat)
 
-    p = sub.add_parser("tokenize")
-    p.add_argument("input", type=Path)
-    p.add_argument("output", type=Path)
+    p = add_file_command(sub, "tokenize", cmd_tokenize, "input", "output")
     p.add_argument("--lang", required=True)
     p.add_argument("--lowercase", action="store_true")
     p.add_argument("--aggressive", action="store_true", help="split hyphens as @-@ (tokenizer.perl -a)")
     p.add_argument("--workers", type=int, default=1)
-    p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("split-every")
     p.add_argument("--src", type=Path, required=True)
@@ -411,10 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pairs", nargs="+", metavar="IN:OUT")
     p.set_defaults(func=cmd_spm_encode)
 
-    p = sub.add_parser("spm-dict")
-    p.add_argument("vocab", type=Path)
-    p.add_argument("output", type=Path)
-    p.set_defaults(func=cmd_spm_dict)
+    add_file_command(sub, "spm-dict", cmd_spm_dict, "vocab", "output")
 
     p = sub.add_parser("bleu")
     p.add_argument("--generate-output", type=Path, required=True, help="stdout of fairseq-generate")

@@ -19,7 +19,7 @@ import math
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from deepnet_recipes.common import (
     EXIT_DIVERGED,
@@ -30,7 +30,10 @@ from deepnet_recipes.common import (
     Runner,
     Step,
     check_positive,
+    python_tool,
+    recipe_parser,
     require_tools,
+    tool_env,
 )
 
 GPU_ONLY_FLAGS = {"--fp16", "--memory-efficient-fp16", "--allow-rezero-fp16", "--checkpoint-activations-offload"}
@@ -227,6 +230,36 @@ def add_eval_args(parser: argparse.ArgumentParser, average: int) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the exact commands and exit")
 
 
+def eval_parser(doc: Optional[str], average: int, beam: int, lenpen: float) -> argparse.ArgumentParser:
+    """evaluate.sh's parser: :func:`add_eval_args` and the recipe's default ``--beam``/``--lenpen``."""
+    parser = recipe_parser("evaluate.sh", doc)
+    add_eval_args(parser, average=average)
+    parser.add_argument("--beam", type=int, default=beam)
+    parser.add_argument("--lenpen", type=float, default=lenpen)
+    return parser
+
+
+def eval_data(parser: argparse.ArgumentParser, args: argparse.Namespace, default_data: Path) -> Path:
+    """Resolve ``args.save_dir`` in place (a usage error unless it exists or ``--dry-run``) and return the
+    binarized data directory: ``--data``, else the run's ``run.json``, else ``default_data``."""
+    save_dir = args.save_dir.resolve()
+    args.save_dir = save_dir
+    if not args.dry_run and not save_dir.is_dir():
+        parser.error(f"{save_dir}: no such run directory")
+    return (args.data or Path(run_info(save_dir).get("data", default_data))).resolve()
+
+
+def generate_command(data: Path, checkpoint: Path, task_flags: Sequence[str], src: str, tgt: str,
+                     args: argparse.Namespace) -> List[str]:
+    """fairseq-generate on the test split with evaluate.sh's options (``--cpu``, beam, lengths)."""
+    gen = ["fairseq-generate", str(data), "--user-dir", str(USER_DIR), "--path", str(checkpoint),
+           *task_flags, "--source-lang", src, "--target-lang", tgt, "--gen-subset", "test",
+           "--beam", str(args.beam), "--lenpen", str(args.lenpen), "--remove-bpe", "sentencepiece",
+           "--max-tokens", str(args.max_tokens), "--max-len-b", str(args.max_len_b),
+           "--required-batch-size-multiple", "1"]
+    return gen + (["--cpu", "--num-workers", "0"] if args.cpu else ["--fp16"])
+
+
 def run_info(save_dir: Path) -> dict:
     path = save_dir / "run.json"
     return json.loads(path.read_text()) if path.exists() else {}
@@ -263,3 +296,78 @@ def checkpoint_step(args: argparse.Namespace, prog: str) -> tuple:
     key = f"{checkpoint.stat().st_mtime_ns}" if checkpoint.exists() else ""
     check = Step("checkpoint", ["test", "-s", str(checkpoint)], key_extra=key)
     return [check], checkpoint
+
+
+# ---- one-direction translation recipes (WMT-17, IWSLT-14) ----------------------------------------
+@dataclass(frozen=True)
+class BilingualRecipe:
+    """What differs between the train.sh/evaluate.sh of the bilingual recipes; :meth:`train` and
+    :meth:`evaluate` are those actions."""
+
+    name: str  # "wmt17": run directories, run.json and the "wmt17/train.sh" message prefix
+    doc: Optional[str]  # the recipe module's docstring (--help)
+    src: str
+    tgt: str
+    schemes: Sequence[str]  # named in the SCHEME help
+    max_tokens: int  # tokens per GPU per step
+    target_tokens: int  # the global batch, in tokens
+    default_data: Path  # prepare.sh's binarized output
+    flags: Callable[[str, int, int], List[str]]  # (scheme, encoder layers, decoder layers) -> fairseq-train flags
+    gpus: int  # default GPUS
+    update_freq_help: str
+    average: int  # default evaluate.sh --average
+    beam: int
+    lenpen: float
+    eval_tools: Sequence[str]  # console scripts evaluate.sh needs
+    bleu_ref_tok_flags: Sequence[str] = ()  # bleu flags right after --ref-tok FILE (e.g. --compound-split)
+    bleu_detok_flags: Sequence[str] = ()  # bleu flags right after --detok-lang LANG (e.g. --lowercase)
+
+    def train(self, argv: Optional[Sequence[str]] = None) -> int:
+        argv, extra = split_extra(argv)
+        parser = recipe_parser("train.sh", self.doc)
+        parser.add_argument("scheme", help=f"residual scheme ({', '.join(self.schemes)}; any --residual-scheme name)")
+        parser.add_argument("encoder_layers", type=int)
+        parser.add_argument("decoder_layers", type=int)
+        parser.add_argument("gpus", type=int, nargs="?", default=self.gpus, help=f"GPUs (default {self.gpus})")
+        parser.add_argument("update_freq", nargs="?", default="auto", help=self.update_freq_help)
+        add_train_overrides(parser)
+        args = parser.parse_args(argv)
+        if args.encoder_layers < 1 or args.decoder_layers < 1:
+            parser.error("encoder and decoder layers must be positive integers")
+        max_tokens, update_freq = resolve_plan_numbers(parser, args, args.gpus, args.update_freq, self.max_tokens,
+                                                       self.target_tokens)
+        name = f"{args.scheme}-{args.encoder_layers}L-{args.decoder_layers}L"
+        plan = TrainPlan(
+            recipe=self.name, data=(args.data or self.default_data).resolve(),
+            save_dir=(args.save_dir or default_run_dir(self.name, name)).resolve(), scheme=args.scheme,
+            encoder_layers=args.encoder_layers, decoder_layers=args.decoder_layers, gpus=args.gpus,
+            max_tokens=max_tokens, update_freq=update_freq, target_tokens=self.target_tokens,
+            flags=self.flags(args.scheme, args.encoder_layers, args.decoder_layers),
+        )
+        return run_training(plan, args, extra, f"{self.name}/train.sh")
+
+    def evaluate(self, argv: Optional[Sequence[str]] = None) -> int:
+        parser = eval_parser(self.doc, self.average, self.beam, self.lenpen)
+        args = parser.parse_args(argv)
+        data = eval_data(parser, args, self.default_data)
+        save_dir: Path = args.save_dir
+        tgt = self.tgt
+        if args.dry_run and not (data / "recipe.json").exists():
+            text = data.parent / "text"
+            meta = {"ref_tok": str(text / f"test.tok.{tgt}"), "ref_raw": str(text / f"test.raw.{tgt}")}
+        else:
+            meta = data_meta(data)
+        if not args.dry_run:
+            require_tools(self.eval_tools, ["sacrebleu", "sacremoses"])
+        eval_dir = save_dir / "eval"
+        prog = f"{self.name}/evaluate.sh"
+        steps, checkpoint = checkpoint_step(args, prog)
+        gen = generate_command(data, checkpoint, ["--task", "translation"], self.src, tgt, args)
+        steps.append(Step("generate", gen, stdout=eval_dir / "generate.out", log=eval_dir / "generate.log"))
+        steps.append(Step("bleu", python_tool(
+            "bleu", "--generate-output", eval_dir / "generate.out", "--ref-tok", meta["ref_tok"],
+            *self.bleu_ref_tok_flags, "--ref-raw", meta["ref_raw"], "--detok-lang", tgt, *self.bleu_detok_flags,
+            "--hyp-out", eval_dir / f"test.hyp.{tgt}", "--primary", "tok_bleu", "--json", eval_dir / "bleu.json",
+            "--name", save_dir.name), env=tool_env()))
+        Runner(eval_dir / ".stamps", args.dry_run, prog).run_all(steps)
+        return 0

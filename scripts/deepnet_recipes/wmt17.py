@@ -20,31 +20,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from deepnet_recipes.common import (
-    REPO,
-    USER_DIR,
-    Runner,
-    Step,
-    add_common_args,
-    add_download_args,
-    cli,
-    fetch_step,
-    python_tool,
-    require_tools,
-    tool_env,
-)
-from deepnet_recipes.training import (
-    TrainPlan,
-    add_eval_args,
-    add_train_overrides,
-    checkpoint_step,
-    data_meta,
-    default_run_dir,
-    resolve_plan_numbers,
-    run_info,
-    run_training,
-    split_extra,
-)
+from deepnet_recipes.common import REPO, Runner, Step, cli, fetch_step, python_tool, start_prepare, tool_env
+from deepnet_recipes.training import BilingualRecipe
 
 HERE = Path(__file__).resolve().parent.parent / "wmt17"
 CHECKSUMS = HERE / "checksums.sha256"
@@ -122,26 +99,16 @@ def prepare_steps(args: argparse.Namespace) -> List[Step]:
     return steps
 
 
-def prepare(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="prepare.sh", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}")
+def prepare_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--valid", choices=("train100", "newstest2013"), default="train100",
                         help="validation set: every 100th training pair (fairseq's script; default) or newstest2013")
     parser.add_argument("--vocab-size", type=int, default=32000, help="joint SentencePiece BPE size (default 32000)")
     parser.add_argument("--spm-sentences", type=int, default=10_000_000,
                         help="sentences sampled to train SentencePiece (default 10M)")
-    add_download_args(parser, CHECKSUMS)
-    add_common_args(parser)
-    args = parser.parse_args(argv)
-    if args.vocab_size < 100 or args.workers < 1:
-        parser.error("--vocab-size must be >= 100 and --workers >= 1")
-    if args.data_dir is not None and not args.data_dir.is_dir():
-        parser.error(f"--data-dir {args.data_dir}: not a directory")
-    out = args.out_dir.resolve()
-    if not args.dry_run:
-        require_tools(["fairseq-preprocess", "tar"], ["sacremoses", "sentencepiece"])
-        out.mkdir(parents=True, exist_ok=True)
+
+
+def prepare(argv: Optional[Sequence[str]] = None) -> int:
+    args, out = start_prepare(argv, __doc__, DEFAULT_OUT, CHECKSUMS, ["sacremoses", "sentencepiece"], prepare_options)
     runner = Runner(out / ".stamps", args.dry_run, "wmt17/prepare.sh")
     runner.run_all(prepare_steps(args))
     if not args.dry_run:
@@ -154,7 +121,7 @@ def prepare(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-# ---- train ----------------------------------------------------------------------------------------
+# ---- train, evaluate ------------------------------------------------------------------------------
 def recipe_flags(scheme: str, encoder_layers: int, decoder_layers: int) -> List[str]:
     flags = [
         "--task", "translation", "--source-lang", SRC, "--target-lang", TGT,
@@ -176,71 +143,16 @@ def recipe_flags(scheme: str, encoder_layers: int, decoder_layers: int) -> List[
     return flags
 
 
-def train(argv: Optional[Sequence[str]] = None) -> int:
-    argv, extra = split_extra(argv)
-    parser = argparse.ArgumentParser(prog="train.sh", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scheme", help=f"residual scheme ({', '.join(SCHEMES)}; any --residual-scheme name)")
-    parser.add_argument("encoder_layers", type=int)
-    parser.add_argument("decoder_layers", type=int)
-    parser.add_argument("gpus", type=int, nargs="?", default=8, help="GPUs (default 8)")
-    parser.add_argument("update_freq", nargs="?", default="auto",
-                        help="gradient accumulation; 'auto' (default) keeps the 128 x 4096-token global batch")
-    add_train_overrides(parser)
-    args = parser.parse_args(argv)
-    if args.encoder_layers < 1 or args.decoder_layers < 1:
-        parser.error("encoder and decoder layers must be positive integers")
-    max_tokens, update_freq = resolve_plan_numbers(parser, args, args.gpus, args.update_freq, MAX_TOKENS,
-                                                   TARGET_TOKENS)
-    name = f"{args.scheme}-{args.encoder_layers}L-{args.decoder_layers}L"
-    plan = TrainPlan(
-        recipe="wmt17", data=(args.data or default_data()).resolve(),
-        save_dir=(args.save_dir or default_run_dir("wmt17", name)).resolve(), scheme=args.scheme,
-        encoder_layers=args.encoder_layers, decoder_layers=args.decoder_layers, gpus=args.gpus,
-        max_tokens=max_tokens, update_freq=update_freq, target_tokens=TARGET_TOKENS,
-        flags=recipe_flags(args.scheme, args.encoder_layers, args.decoder_layers),
-    )
-    return run_training(plan, args, extra, "wmt17/train.sh")
-
-
-# ---- evaluate -------------------------------------------------------------------------------------
-def evaluate(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="evaluate.sh", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_eval_args(parser, average=10)
-    parser.add_argument("--beam", type=int, default=4)
-    parser.add_argument("--lenpen", type=float, default=0.6)
-    args = parser.parse_args(argv)
-    save_dir = args.save_dir.resolve()
-    args.save_dir = save_dir
-    if not args.dry_run and not save_dir.is_dir():
-        parser.error(f"{save_dir}: no such run directory")
-    data = (args.data or Path(run_info(save_dir).get("data", default_data()))).resolve()
-    if args.dry_run and not (data / "recipe.json").exists():
-        text = data.parent / "text"
-        meta = {"ref_tok": str(text / f"test.tok.{TGT}"), "ref_raw": str(text / f"test.raw.{TGT}")}
-    else:
-        meta = data_meta(data)
-    if not args.dry_run:
-        require_tools(["fairseq-generate", "deepnet-average-checkpoints"], ["sacrebleu", "sacremoses"])
-    eval_dir = save_dir / "eval"
-    steps, checkpoint = checkpoint_step(args, "wmt17/evaluate.sh")
-    gen = ["fairseq-generate", str(data), "--user-dir", str(USER_DIR), "--path", str(checkpoint),
-           "--task", "translation", "--source-lang", SRC, "--target-lang", TGT, "--gen-subset", "test",
-           "--beam", str(args.beam), "--lenpen", str(args.lenpen), "--remove-bpe", "sentencepiece",
-           "--max-tokens", str(args.max_tokens), "--max-len-b", str(args.max_len_b),
-           "--required-batch-size-multiple", "1"]
-    if args.cpu:
-        gen += ["--cpu", "--num-workers", "0"]
-    else:
-        gen += ["--fp16"]
-    steps.append(Step("generate", gen, stdout=eval_dir / "generate.out", log=eval_dir / "generate.log"))
-    steps.append(Step("bleu", python_tool(
-        "bleu", "--generate-output", eval_dir / "generate.out", "--ref-tok", meta["ref_tok"], "--compound-split",
-        "--ref-raw", meta["ref_raw"], "--detok-lang", TGT, "--hyp-out", eval_dir / f"test.hyp.{TGT}",
-        "--primary", "tok_bleu", "--json", eval_dir / "bleu.json", "--name", save_dir.name), env=tool_env()))
-    Runner(eval_dir / ".stamps", args.dry_run, "wmt17/evaluate.sh").run_all(steps)
-    return 0
+RECIPE = BilingualRecipe(
+    name="wmt17", doc=__doc__, src=SRC, tgt=TGT, schemes=SCHEMES, max_tokens=MAX_TOKENS, target_tokens=TARGET_TOKENS,
+    default_data=default_data(), flags=recipe_flags, gpus=8,
+    update_freq_help="gradient accumulation; 'auto' (default) keeps the 128 x 4096-token global batch",
+    # evaluate: average the last 10 epoch checkpoints, beam 4, lenpen 0.6, compound-split tokenized BLEU
+    average=10, beam=4, lenpen=0.6, eval_tools=["fairseq-generate", "deepnet-average-checkpoints"],
+    bleu_ref_tok_flags=["--compound-split"],
+)
+train = RECIPE.train
+evaluate = RECIPE.evaluate
 
 
 ACTIONS = {"prepare": prepare, "train": train, "evaluate": evaluate}
