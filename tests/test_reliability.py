@@ -270,3 +270,18 @@ def test_fuzz_model_construction(tiny_data, layers, width, heads, scheme):
         out, _ = model(src, lengths, prev)
     assert torch.isfinite(out).all()
     assert layers >= 1 and width >= 1 and heads >= 1 and width % heads == 0 and math.isfinite(out.sum().item())
+
+
+def test_generation_with_another_dictionary_is_refused_naming_the_cause(four_updates, tiny_data, tmp_path):
+    save, _ = four_updates
+    for split in ("train", "valid", "test"):
+        for lang in ("src", "tgt"):
+            text = (tiny_data.parent / f"{split}.{lang}").read_text()
+            (tmp_path / f"{split}.{lang}").write_text(text + "".join(f"x{i} y{i} z{i}\n" for i in range(30)))
+    run([cli("fairseq-preprocess"), "--source-lang", "src", "--target-lang", "tgt", "--trainpref", tmp_path / "train",
+         "--validpref", tmp_path / "valid", "--testpref", tmp_path / "test", "--destdir", tmp_path / "bin",
+         "--joined-dictionary", "--workers", "1"])
+    proc = run([cli("fairseq-generate"), tmp_path / "bin", "--user-dir", USER_DIR, "--path",
+                save / "checkpoint_last.pt", "--cpu"], check=False)
+    assert proc.returncode != 0
+    assert "the checkpoint's source dictionary has" in proc.stderr and "dict.*.txt" in proc.stderr

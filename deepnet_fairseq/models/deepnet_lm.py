@@ -19,6 +19,7 @@ from fairseq.models.transformer_lm import (
 )
 from fairseq.utils import safe_getattr
 
+from deepnet_fairseq.models.checks import check_vocabulary_matches
 from deepnet_fairseq.models.options import DeepNetConfigError, DeepNormOptions, build_schemes, validate_shapes
 from deepnet_fairseq.models.training import attach_instruments, training_forward
 from deepnet_fairseq.modules.stacks import DeepNetDecoder
@@ -67,6 +68,10 @@ class DeepNetLanguageModel(TransformerLanguageModel):
         return training_forward(
             self, net_input, lambda: super(DeepNetLanguageModel, self).forward(src_tokens, **kwargs)
         )
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        check_vocabulary_matches(self, state_dict)
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
     def set_num_updates(self, num_updates):
         self.__dict__["num_updates_seen"] = num_updates

@@ -18,6 +18,7 @@ from fairseq.models.transformer import TransformerConfig
 from fairseq.models.transformer.transformer_legacy import TransformerModel, base_architecture
 from omegaconf import OmegaConf
 
+from deepnet_fairseq.models.checks import check_vocabulary_matches
 from deepnet_fairseq.models.options import (
     DeepNormOptions,
     build_schemes,
@@ -66,6 +67,10 @@ class DeepNetTransformerModel(TransformerModel):
             self, net_input, lambda: super(DeepNetTransformerModel, self).forward(
                 src_tokens, src_lengths, prev_output_tokens, **kwargs)
         )
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        check_vocabulary_matches(self, state_dict)
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
     def set_num_updates(self, num_updates):
         self.__dict__["num_updates_seen"] = num_updates
