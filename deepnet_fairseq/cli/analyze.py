@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from deepnet_fairseq.cli.arguments import require_positive
 from deepnet_fairseq.schemes import SCHEME_NAMES
 
 
@@ -34,11 +35,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args(argv)
-    for name in ("updates", "every", "layers", "max_tokens", "warmup", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if any(d < 1 for d in args.depths):
-        parser.error("--depths must all be >= 1")
+    require_positive(parser, args, ("updates", "every", "layers", "max_tokens", "warmup", "threads", "depths"))
 
     import torch
 

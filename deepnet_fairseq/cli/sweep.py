@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from deepnet_fairseq.cli.arguments import require_positive
 from deepnet_fairseq.schemes import SCHEME_NAMES
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -170,11 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/sweep"))
     parser.add_argument("--dry-run", action="store_true", help="print the training commands and stop")
     args = parser.parse_args(argv)
-    for name in ("updates", "dim", "warmup", "max_tokens", "jobs", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if any(d < 1 for d in args.depths):
-        parser.error("--depths must all be >= 1")
+    require_positive(parser, args, ("updates", "dim", "warmup", "max_tokens", "jobs", "threads", "depths"))
     grid = [(s, d) for s in args.schemes for d in args.depths]
     if args.dry_run:
         for scheme, layers in grid:

@@ -19,9 +19,8 @@ from fairseq.models.transformer_lm import (
 )
 from fairseq.utils import safe_getattr
 
-from deepnet_fairseq.models.checks import check_vocabulary_matches
 from deepnet_fairseq.models.options import DeepNetConfigError, DeepNormOptions, build_schemes, validate_shapes
-from deepnet_fairseq.models.training import attach_instruments, training_forward
+from deepnet_fairseq.models.training import DeepNetModelMixin, attach_instruments, training_forward
 from deepnet_fairseq.modules.stacks import DeepNetDecoder
 
 logger = logging.getLogger(__name__)
@@ -33,7 +32,7 @@ class DeepNetLMConfig(TransformerLanguageModelConfig, DeepNormOptions):
 
 
 @register_model("deepnet_lm", dataclass=DeepNetLMConfig)
-class DeepNetLanguageModel(TransformerLanguageModel):
+class DeepNetLanguageModel(DeepNetModelMixin, TransformerLanguageModel):
     """Decoder-only Transformer LM; DeepNorm on with ``--deepnorm``."""
 
     @classmethod
@@ -69,10 +68,3 @@ class DeepNetLanguageModel(TransformerLanguageModel):
             self, net_input, lambda: super(DeepNetLanguageModel, self).forward(src_tokens, **kwargs)
         )
 
-    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        check_vocabulary_matches(self, state_dict)
-        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
-
-    def set_num_updates(self, num_updates):
-        self.__dict__["num_updates_seen"] = num_updates
-        super().set_num_updates(num_updates)

@@ -18,21 +18,20 @@ from fairseq.models.transformer import TransformerConfig
 from fairseq.models.transformer.transformer_legacy import TransformerModel, base_architecture
 from omegaconf import OmegaConf
 
-from deepnet_fairseq.models.checks import check_vocabulary_matches
 from deepnet_fairseq.models.options import (
     DeepNormOptions,
     build_schemes,
     fill_option_defaults,
     validate_shapes,
 )
-from deepnet_fairseq.models.training import attach_instruments, training_forward
+from deepnet_fairseq.models.training import DeepNetModelMixin, attach_instruments, training_forward
 from deepnet_fairseq.modules.stacks import DeepNetDecoder, DeepNetEncoder
 
 logger = logging.getLogger(__name__)
 
 
 @register_model("deepnet_transformer")
-class DeepNetTransformerModel(TransformerModel):
+class DeepNetTransformerModel(DeepNetModelMixin, TransformerModel):
     """Encoder-decoder Transformer; DeepNorm on with ``--deepnorm``, other schemes by name."""
 
     @classmethod
@@ -67,14 +66,6 @@ class DeepNetTransformerModel(TransformerModel):
             self, net_input, lambda: super(DeepNetTransformerModel, self).forward(
                 src_tokens, src_lengths, prev_output_tokens, **kwargs)
         )
-
-    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        check_vocabulary_matches(self, state_dict)
-        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
-
-    def set_num_updates(self, num_updates):
-        self.__dict__["num_updates_seen"] = num_updates
-        super().set_num_updates(num_updates)
 
     @classmethod
     def build_encoder(cls, args, src_dict, embed_tokens):

@@ -6,6 +6,7 @@ from typing import Callable, Dict
 from torch import Tensor, nn
 
 from deepnet_fairseq.analysis.instruments import StabilityMonitor
+from deepnet_fairseq.models.checks import check_vocabulary_matches
 from deepnet_fairseq.schemes.admin import needs_admin_profiling, profile_admin
 
 
@@ -29,3 +30,16 @@ def training_forward(model: nn.Module, net_input: Dict[str, Tensor], run: Callab
     output = run()
     monitor.end(model)
     return output
+
+
+class DeepNetModelMixin:
+    """What both deepnet models add to their fairseq base class: the dictionary check on load, and
+    the update count the instruments read."""
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        check_vocabulary_matches(self, state_dict)
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+
+    def set_num_updates(self, num_updates):
+        self.__dict__["num_updates_seen"] = num_updates
+        super().set_num_updates(num_updates)
