@@ -33,7 +33,7 @@ import tempfile
 import typing
 import zipfile
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence, Set, Union
+from typing import BinaryIO, Callable, Dict, Iterable, List, Sequence, Set, Union
 
 import numpy as np
 import torch
@@ -156,14 +156,7 @@ def average_checkpoints(inputs: Iterable[PathLike], output: PathLike) -> dict:
     result = dict(states[0])
     result["model"] = average_state_dicts([s["model"] for s in states])
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name, suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        torch.save(result, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(out, lambda f: torch.save(result, f))
     return result
 
 
@@ -177,11 +170,18 @@ def atomic_copy(src: PathLike, dst: PathLike) -> None:
     The bytes go to a temporary file in ``dst``'s directory, are flushed to disk, and replace ``dst``
     with one ``os.replace`` (atomic on POSIX); a crash at any moment leaves no partial ``dst``.
     """
+    with open(src, "rb") as inp:
+        atomic_write(dst, lambda out: shutil.copyfileobj(inp, out, length=16 * 1024 * 1024))
+
+
+def atomic_write(dst: PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``dst`` through ``write(file)`` into a temporary file in the same directory, flush it to
+    disk and ``os.replace`` it over ``dst``: a crash leaves either the old or the complete new file."""
     dst = os.fspath(dst)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(dst) + ".", suffix=".tmp", dir=os.path.dirname(dst) or ".")
     try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, length=16 * 1024 * 1024)
+        with os.fdopen(fd, "wb") as out:
+            write(out)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, dst)

@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from deepnet_fairseq.cli.arguments import require_positive
+from deepnet_fairseq.divergence import DIVERGED_EXIT_CODE
 from deepnet_fairseq.schemes import SCHEME_NAMES
 
 REPO = Path(__file__).resolve().parent.parent.parent
 USER_DIR = REPO / "deepnet_fairseq"
 DEFAULT_SCHEMES = ("post-ln", "pre-ln", "deepnorm")
 DEFAULT_DEPTHS = (6, 18)
-DIVERGED_EXIT_CODE = 3
 
 
 def tool(name: str) -> str:

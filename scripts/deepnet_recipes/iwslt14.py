@@ -32,6 +32,7 @@ from deepnet_recipes.common import (
     start_prepare,
     tool_env,
 )
+from deepnet_recipes.training import TABLE1_SCHEMES as SCHEMES
 from deepnet_recipes.training import BilingualRecipe, split_extra
 
 HERE = SCRIPTS / "iwslt14"
@@ -41,7 +42,6 @@ ARCHIVE = "de-en.tgz"
 URL = "http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz"  # fairseq's mirror of the WIT3 release
 TEST_SETS = ["IWSLT14.TED.dev2010", "IWSLT14.TEDX.dev2012", "IWSLT14.TED.tst2010", "IWSLT14.TED.tst2011",
              "IWSLT14.TED.tst2012"]
-SCHEMES = ["post-ln", "ds-init", "admin", "rezero", "r-fixup", "t-fixup", "pre-ln", "dlcl", "normformer", "deepnorm"]
 DEPTHS = list(range(10, 101, 10))
 MAX_TOKENS = 4096
 TARGET_TOKENS = 8 * 4096  # recipe choice (Table 4 of the paper is not confirmed): 8 GPUs x 4096 tokens

@@ -36,6 +36,10 @@ from deepnet_recipes.common import (
     tool_env,
 )
 
+# the schemes of the DeepNet paper's Table 1 comparison, in its row order
+TABLE1_SCHEMES = [
+    "post-ln", "ds-init", "admin", "rezero", "r-fixup", "t-fixup", "pre-ln", "dlcl", "normformer", "deepnorm",
+]
 GPU_ONLY_FLAGS = {"--fp16", "--memory-efficient-fp16", "--allow-rezero-fp16", "--checkpoint-activations-offload"}
 GPU_ONLY_VALUED = {"--ddp-backend", "--fp16-init-scale", "--distributed-world-size"}
 

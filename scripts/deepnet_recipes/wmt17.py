@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from deepnet_recipes.common import REPO, Runner, Step, cli, fetch_step, python_tool, start_prepare, tool_env
+from deepnet_recipes.training import TABLE1_SCHEMES as SCHEMES
 from deepnet_recipes.training import BilingualRecipe
 
 HERE = Path(__file__).resolve().parent.parent / "wmt17"
@@ -34,7 +35,6 @@ ARCHIVES = {  # name: URL (the URLs of fairseq's prepare-wmt14en2de.sh)
     "test-full.tgz": "http://statmt.org/wmt14/test-full.tgz",
 }
 CORPORA = ["training/europarl-v7.de-en", "commoncrawl.de-en", "training/news-commentary-v12.de-en"]
-SCHEMES = ["post-ln", "ds-init", "admin", "rezero", "r-fixup", "t-fixup", "pre-ln", "dlcl", "normformer", "deepnorm"]
 DEPTHS = [6, 18, 50, 100]
 TARGET_TOKENS = 128 * 4096  # admin-torch's "huge batch" = DeepNet's WMT-17 setting (proxy, unconfirmed)
 MAX_TOKENS = 4096
