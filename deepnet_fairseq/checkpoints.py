@@ -42,6 +42,15 @@ from omegaconf import DictConfig, ListConfig
 from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import AnyNode
 
+from deepnet_fairseq.scheme_record import (
+    SchemeMismatchError,
+    describe,
+    record_from_model_config,
+    records_match,
+    split_overrides,
+    stamp_record,
+)
+
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct, scalar
 except ImportError:  # numpy 1.x
@@ -153,11 +162,42 @@ def average_checkpoints(inputs: Iterable[PathLike], output: PathLike) -> dict:
     for path, state in zip(paths, states, strict=True):
         if "model" not in state:
             raise ValueError(f"{path} is not a fairseq checkpoint (no 'model' entry)")
+    check_same_network(paths, states)
     result = dict(states[0])
     result["model"] = average_state_dicts([s["model"] for s in states])
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda f: torch.save(result, f))
     return result
+
+
+def _model_config(state: dict):
+    cfg = state.get("cfg")
+    return cfg.get("model") if cfg is not None else state.get("args")
+
+
+def _architecture(model_cfg) -> str:
+    return str(getattr(model_cfg, "arch", None) or getattr(model_cfg, "_name", None) or "unknown")
+
+
+def check_same_network(paths: Sequence[Path], states: Sequence[dict]) -> None:
+    """Refuse to average checkpoints of different architectures or residual schemes (constants included).
+
+    Raises :class:`~deepnet_fairseq.scheme_record.SchemeMismatchError` naming the two files and settings.
+    """
+    first_cfg = _model_config(states[0])
+    first_arch, first_record = _architecture(first_cfg), record_from_model_config(first_cfg)
+    for path, state in zip(paths[1:], states[1:], strict=True):
+        cfg = _model_config(state)
+        arch, record = _architecture(cfg), record_from_model_config(cfg)
+        if arch != first_arch:
+            raise SchemeMismatchError(
+                f"{paths[0]} is --arch {first_arch} but {path} is --arch {arch}: cannot average different models"
+            )
+        if (record is None) != (first_record is None) or (record and not records_match(first_record, record)):
+            raise SchemeMismatchError(
+                f"{paths[0]} was trained with {describe(first_record or {})} but {path} with "
+                f"{describe(record or {})}: cannot average networks that compute different functions"
+            )
 
 
 class CheckpointLoadError(RuntimeError):
@@ -198,7 +238,9 @@ def install_crash_safe_checkpoint_io() -> None:
       that copy leaves a truncated ``checkpoint_last.pt`` that resume then fails on.  Local copies
       go through :func:`atomic_copy` instead (remote ioPath URLs keep fairseq's behaviour).
     * ``checkpoint_utils.load_checkpoint_to_cpu`` (resume, ``fairseq-generate``, hub loading)
-      raises :class:`CheckpointLoadError` naming the file when it cannot be read.
+      raises :class:`CheckpointLoadError` naming the file when it cannot be read, and puts the
+      residual-scheme record of the checkpoint into ``state["model"]`` for ``load_state_dict`` to check
+      (:mod:`deepnet_fairseq.scheme_record`).
     """
     from fairseq import checkpoint_utils
     from fairseq.file_io import PathManager
@@ -217,8 +259,11 @@ def install_crash_safe_checkpoint_io() -> None:
         return True
 
     def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
+        other_overrides, scheme_overrides = split_overrides(arg_overrides)
         try:
-            return fairseq_load(path, arg_overrides, load_on_all_ranks)
+            state = fairseq_load(path, other_overrides, load_on_all_ranks)
+            stamp_record(state, scheme_overrides)
+            return state
         except FileNotFoundError:
             raise
         except pickle.UnpicklingError as err:

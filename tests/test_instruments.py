@@ -90,3 +90,72 @@ def test_no_extra_forward_passes_when_off(tiny_data, tmp_path, monkeypatch):
                                  "--stability-interval", "2")
     assert off == 4  # one forward per update, nothing else
     assert on == 4 + 2  # plus one probe forward at updates 0 and 2
+
+
+def test_gradient_norms_measured_once_per_measurement_update(tiny_data, monkeypatch):
+    """Each measured backward logs every sub-layer's gnorm once; unmeasured ones log none (hooks removed)."""
+    model, task = build(tiny_data, "--deepnorm", "--encoder-layers", 2, "--decoder-layers", 2, "--dropout", 0,
+                        "--log-stability", "--stability-interval", 2)
+    sublayers = [f"{name}_{sub}_gnorm" for name, layer in model.stability_monitor.layers for sub in layer.sublayers]
+    assert len(sublayers) == 2 * 2 + 2 * 3  # encoder: self_attn, ffn; decoder: + encoder_attn
+    logged = []
+    original = metrics.log_scalar
+
+    def counting(key, *args, **kwargs):
+        if key.endswith("_gnorm"):
+            logged[-1].append(key)
+        return original(key, *args, **kwargs)
+
+    monkeypatch.setattr(metrics, "log_scalar", counting)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    model.train()
+    for update in range(20):
+        model.set_num_updates(update)
+        logged.append([])
+        out, _ = model(**_net_input(task))
+        out.float().logsumexp(-1).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    once = sorted(f"stab_{k}" for k in sublayers)
+    assert [sorted(keys) for keys in logged] == [once if update % 2 == 0 else [] for update in range(20)]
+    # a measured forward without backward (e.g. a skipped batch) leaves no hooks for the next measurement
+    model.set_num_updates(20)
+    model(**_net_input(task))
+    logged.append([])
+    out, _ = model(**_net_input(task))
+    out.float().logsumexp(-1).mean().backward()
+    assert sorted(logged[-1]) == once
+
+
+def test_tensorboard_logdir_receives_stability_scalars(tiny_data, tmp_path, monkeypatch):
+    """fairseq-train --log-stability --tensorboard-logdir writes the stab_* scalars to event files."""
+    from fairseq.logging import progress_bar
+    from fairseq_cli import train
+
+    assert progress_bar.SummaryWriter is not None, "tensorboard is not installed: pip install -r requirements.txt"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    writers = {}  # fairseq caches one writer per tag for the whole process: keep this run's apart
+    monkeypatch.setattr(progress_bar, "_tensorboard_writers", writers)
+    logdir = tmp_path / "tb"
+    argv = train_args(tiny_data, tmp_path / "ckpt", "--deepnorm", "--max-update", "4", "--disable-validation",
+                      "--no-save", "--log-stability", "--stability-interval", "2",
+                      "--tensorboard-logdir", str(logdir))[1:]
+    monkeypatch.setattr(sys, "argv", ["fairseq-train", *map(str, argv)])
+    try:
+        train.cli_main()
+    finally:
+        for writer in writers.values():
+            writer.close()
+    events = EventAccumulator(str(logdir / "train_inner"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for tag in ("stab_update", "stab_ln_max", "stab_ratio_max", "stab_dec02_ffn_gnorm", "stab_enc01_self_attn_ln",
+                "stab_dec01_encoder_attn_ratio"):
+        assert tag in tags
+    # measured at updates 0 and 2 (logged as steps 1 and 3), with the first update norm 0 (theta_0)
+    update = events.Scalars("stab_update")
+    assert [e.step for e in update] == [1, 3]
+    assert update[0].value == 0.0 and update[1].value > 0
+    assert all(e.value > 0 for e in events.Scalars("stab_dec02_ffn_gnorm"))
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]

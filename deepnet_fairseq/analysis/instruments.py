@@ -8,7 +8,7 @@ Every K updates (and at update 1) the training forward pass records, per sub-lay
 * ``ratio``: the residual-branch ratio ``||G(x)|| / ||x||`` (per token, averaged), G(x) the branch
   and x the residual it is added to;
 * ``gnorm``: the L2 norm of the gradient of the sub-layer's parameters (attention or FFN weights),
-  measured in the backward pass of the same update;
+  measured in the backward pass of the same update (one-shot hooks, removed once they fire);
 
 and, on a fixed probe batch (the first training batch), the model update
 ``||F(x; theta_t) - F(x; theta_0)||`` (paper Fig. 5): F the decoder's output features, the norm
@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 SUBLAYER_NORMS = {
     "self_attn": "self_attn_layer_norm",
@@ -94,6 +95,7 @@ class StabilityMonitor:
         self.values: Dict[str, float] = {}
         self.probe: Optional[Dict[str, Tensor]] = None
         self.reference: Optional[Tensor] = None
+        self.grad_hooks: Dict[str, RemovableHandle] = {}
         for name, layer in self.layers:
             layer.stability_observer = self
             layer.stability_name = name
@@ -122,20 +124,32 @@ class StabilityMonitor:
             self.probe = {k: v.detach().clone() for k, v in net_input.items() if torch.is_tensor(v)}
         self.values = {}
         self.measuring = True
+        self.remove_grad_hooks()  # left over if the last measured forward had no backward
         for name, layer in self.layers:
             for sublayer in layer.sublayers:
                 params = sublayer_parameters(layer, sublayer)
                 if params:
-                    torch.autograd.graph.register_multi_grad_hook(
-                        params, self._grad_hook(f"{name}_{sublayer}_gnorm"), mode="all"
+                    key = f"{name}_{sublayer}_gnorm"
+                    self.grad_hooks[key] = torch.autograd.graph.register_multi_grad_hook(
+                        params, self._grad_hook(key), mode="all"
                     )
 
     def _grad_hook(self, key: str):
+        """A one-shot hook: logs the sub-layer's gradient norm, then removes itself, so only the
+        backward of the measured forward is measured."""
+
         def hook(grads):
+            self.grad_hooks.pop(key).remove()
             total = sum(g.detach().float().pow(2).sum().item() for g in grads if g is not None)
             _log(key, math.sqrt(total))
 
         return hook
+
+    def remove_grad_hooks(self) -> None:
+        """Remove the gradient hooks that have not fired yet."""
+        for handle in self.grad_hooks.values():
+            handle.remove()
+        self.grad_hooks.clear()
 
     def end(self, model: nn.Module) -> Dict[str, float]:
         """Finish the forward-side measurement, run the probe, log and return the values."""

@@ -22,6 +22,7 @@ from fairseq.utils import safe_getattr
 from deepnet_fairseq.models.options import DeepNetConfigError, DeepNormOptions, build_schemes, validate_shapes
 from deepnet_fairseq.models.training import DeepNetModelMixin, attach_instruments, training_forward
 from deepnet_fairseq.modules.stacks import DeepNetDecoder
+from deepnet_fairseq.scheme_record import model_record
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +42,16 @@ class DeepNetLanguageModel(DeepNetModelMixin, TransformerLanguageModel):
             raise DeepNetConfigError(
                 "deepnet_lm supports token embeddings only: remove --character-embeddings / --adaptive-input"
             )
+        validate_shapes(args, ("decoder",))
+        # the trained depth: --decoder-layers-to-keep prunes layers but the kept ones keep their constants
+        layers = args.decoder_layers
+        _, scheme = build_schemes(args, 0, layers)
+        logger.info("deepnet_lm %dL: %s", layers, scheme.describe())
         if args.decoder_layers_to_keep:
             args.decoder_layers = len(args.decoder_layers_to_keep.split(","))
-        validate_shapes(args, ("decoder",))
-        layers = args.decoder_layers
         if safe_getattr(args, "max_target_positions", None) is None:
             args.max_target_positions = safe_getattr(args, "tokens_per_sample", DEFAULT_MAX_TARGET_POSITIONS)
 
-        _, scheme = build_schemes(args, 0, layers)
-        logger.info("deepnet_lm %dL: %s", layers, scheme.describe())
         embed_tokens = cls.build_embedding(args, task.source_dictionary, args.decoder_input_dim)
         decoder = DeepNetDecoder(
             TransformerConfig.from_namespace(args),
@@ -59,6 +61,7 @@ class DeepNetLanguageModel(DeepNetModelMixin, TransformerLanguageModel):
             no_encoder_attn=True,
         )
         model = cls(decoder)
+        model.residual_scheme_record = model_record(None, scheme)
         attach_instruments(model, args)
         return model
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+from contextvars import ContextVar
+from typing import Optional, Tuple
 
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import register_model, register_model_architecture
@@ -26,6 +28,8 @@ from deepnet_fairseq.models.options import (
 )
 from deepnet_fairseq.models.training import DeepNetModelMixin, attach_instruments, training_forward
 from deepnet_fairseq.modules.stacks import DeepNetDecoder, DeepNetEncoder
+from deepnet_fairseq.scheme_record import model_record
+from deepnet_fairseq.schemes import ResidualScheme
 
 logger = logging.getLogger(__name__)
 
@@ -47,16 +51,22 @@ class DeepNetTransformerModel(DeepNetModelMixin, TransformerModel):
             args = argparse.Namespace(**OmegaConf.to_container(args, resolve=True))
         deepnet_transformer_architecture(args)
         validate_shapes(args, ("encoder", "decoder"))
+        # the trained depths: --*-layers-to-keep prunes layers but the kept ones keep their constants
         encoder_layers, decoder_layers = args.encoder_layers, args.decoder_layers
-        encoder_scheme, decoder_scheme = build_schemes(args, encoder_layers, decoder_layers)
+        schemes = build_schemes(args, encoder_layers, decoder_layers)
         logger.info(
             "deepnet_transformer %dL-%dL: encoder %s, decoder %s",
             encoder_layers,
             decoder_layers,
-            encoder_scheme.describe(),
-            decoder_scheme.describe(),
+            schemes[0].describe(),
+            schemes[1].describe(),
         )
-        model = super().build_model(args, task)
+        token = _BUILDING_SCHEMES.set(schemes)
+        try:
+            model = super().build_model(args, task)
+        finally:
+            _BUILDING_SCHEMES.reset(token)
+        model.residual_scheme_record = model_record(*schemes)
         attach_instruments(model, args)
         return model
 
@@ -70,14 +80,26 @@ class DeepNetTransformerModel(DeepNetModelMixin, TransformerModel):
     @classmethod
     def build_encoder(cls, args, src_dict, embed_tokens):
         cfg = TransformerConfig.from_namespace(args)
-        scheme, _ = build_schemes(args, cfg.encoder.layers, cfg.decoder.layers)
+        scheme, _ = _schemes_for(args, cfg)
         return DeepNetEncoder(cfg, src_dict, embed_tokens, scheme)
 
     @classmethod
     def build_decoder(cls, args, tgt_dict, embed_tokens):
         cfg = TransformerConfig.from_namespace(args)
-        _, scheme = build_schemes(args, cfg.encoder.layers, cfg.decoder.layers)
+        _, scheme = _schemes_for(args, cfg)
         return DeepNetDecoder(cfg, tgt_dict, embed_tokens, scheme, no_encoder_attn=cfg.no_cross_attention)
+
+
+# The schemes build_model resolved for the trained depths, while fairseq's build_model calls the
+# build_encoder/build_decoder hooks with the (possibly pruned) layer counts.
+_BUILDING_SCHEMES: ContextVar[Optional[Tuple[ResidualScheme, ResidualScheme]]] = ContextVar(
+    "deepnet_building_schemes", default=None
+)
+
+
+def _schemes_for(args, cfg) -> Tuple[ResidualScheme, ResidualScheme]:
+    schemes = _BUILDING_SCHEMES.get()
+    return schemes if schemes is not None else build_schemes(args, cfg.encoder.layers, cfg.decoder.layers)
 
 
 @register_model_architecture("deepnet_transformer", "deepnet_transformer")

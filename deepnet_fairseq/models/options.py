@@ -54,6 +54,13 @@ class DeepNormOptions(FairseqDataclass):
     normformer_scale_resids: bool = field(
         default=False, metadata={"help": "normformer: learned residual scale lambda on the FFN sub-layer"}
     )
+    allow_residual_scheme_change: bool = field(
+        default=False,
+        metadata={
+            "help": "load a checkpoint trained with another residual scheme or other scheme constants (resume, "
+            "fine-tune, --model-overrides) although the same weights then compute a different network"
+        },
+    )
     log_stability: bool = field(
         default=False,
         metadata={"help": "log per-sub-layer LN input norm, branch ratio, gradient norm and the model update"},

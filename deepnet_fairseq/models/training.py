@@ -24,7 +24,10 @@ def training_forward(model: nn.Module, net_input: Dict[str, Tensor], run: Callab
     if needs_admin_profiling(model):
         profile_admin(model, run)
     monitor = model.__dict__.get("stability_monitor")
-    if monitor is None or not monitor.is_measurement_step(model.__dict__.get("num_updates_seen", 0)):
+    if monitor is None:
+        return run()
+    if not monitor.is_measurement_step(model.__dict__.get("num_updates_seen", 0)):
+        monitor.remove_grad_hooks()  # a measured forward without backward must not measure this update
         return run()
     monitor.begin(model, net_input)
     output = run()

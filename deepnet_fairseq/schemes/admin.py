@@ -7,7 +7,8 @@ profiling is one extra no-grad forward on the first training batch, in-process: 
 ``r`` starts at 1 for each stack, each sub-layer in order sets ``w_i := r`` and then
 ``r <- sqrt(Var[x * w_i] + Var[G_i(x)])`` (variances over all elements, after dropout, as the
 reference).  Rank 0's ratios are broadcast to every rank; the ratios and a ``admin_profiled`` flag
-are parameters/buffers of the model, so a checkpoint carries them and neither resume nor generation
+(a float 0/1: EMA, averaging and fp16 casting treat every state entry as floating-point data) are
+parameters/buffers of the model, so a checkpoint carries them and neither resume nor generation
 profiles again.
 
 ``admin-closed`` (microsoft/admin-torch, no profiling): the same form with
@@ -44,7 +45,9 @@ class AdminScheme(ResidualScheme):
     def prepare_layer(self, layer: nn.Module, index: int) -> None:
         for sublayer in layer.sublayers:
             setattr(layer, omega_name(sublayer), nn.Parameter(torch.ones(layer.embed_dim)))
-        layer.register_buffer("admin_profiled", torch.zeros((), dtype=torch.bool))
+        # a float 0/1 flag, not a bool: every consumer of a state dict (fairseq's EMA, checkpoint averaging,
+        # fp16 casting) treats entries as floating-point tensors
+        layer.register_buffer("admin_profiled", torch.zeros(()))
 
     def initialize_layer(self, layer: nn.Module, index: int) -> None:
         xavier_ffn_(layer)
@@ -58,7 +61,7 @@ class AdminScheme(ResidualScheme):
                 self.ratio = math.sqrt(
                     scaled.float().var(unbiased=False).item() + branch.float().var(unbiased=False).item()
                 )
-                layer.admin_profiled.fill_(True)
+                layer.admin_profiled.fill_(1.0)
         return residual * omega + branch
 
 
@@ -73,7 +76,7 @@ def needs_admin_profiling(model: nn.Module) -> bool:
     """True while some profiled-Admin layer of ``model`` has not been profiled yet."""
     if not isinstance(getattr(getattr(model, "decoder", None), "scheme", None), AdminScheme):
         return False
-    return any(not bool(layer.admin_profiled) for layer in admin_layers(model))
+    return any(float(layer.admin_profiled) == 0.0 for layer in admin_layers(model))
 
 
 def profile_admin(model: nn.Module, run_forward: Callable[[], object]) -> None:
@@ -126,6 +129,9 @@ class AdminClosedScheme(ResidualScheme):
         if self.trainable:
             return residual * getattr(layer, omega_name(sublayer)) + branch
         return residual * self.omega + branch
+
+    def settings(self) -> dict:
+        return {"omega": self.omega, "trainable": self.trainable}
 
     def describe(self) -> str:
         return f"admin-closed(omega={self.omega:.4f}, trainable={self.trainable})"

@@ -78,6 +78,15 @@ class ResidualScheme:
     def prepare_stack(self, stack: nn.Module) -> None:
         """Stack-level hooks, called once all layers of ``stack`` are built."""
 
+    def settings(self) -> Dict[str, object]:
+        """The scheme's resolved options and constants (floats, ints, strings, bools) for this side."""
+        return {}
+
+    def record(self) -> Dict[str, object]:
+        """``{"scheme": name, **settings()}``: what a checkpoint must have been trained with to be loaded
+        into a model using this scheme (compared by :mod:`deepnet_fairseq.scheme_record`)."""
+        return {"scheme": self.name, **self.settings()}
+
     def describe(self) -> str:
         """A short human-readable summary for logs."""
         return self.name

@@ -102,6 +102,9 @@ class DeepNormScheme(ResidualScheme):
     def initialize_layer(self, layer: nn.Module, index: int) -> None:
         deepnorm_init_(layer, self.beta, self.init)
 
+    def settings(self) -> dict:
+        return {"alpha": self.alpha, "beta": self.beta, "init": self.init}
+
     def describe(self) -> str:
         return f"deepnorm(alpha={self.alpha:.4f}, beta={self.beta:.4f}, init={self.init})"
 

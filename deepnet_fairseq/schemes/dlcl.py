@@ -81,5 +81,8 @@ class DLCLScheme(ResidualScheme):
             layer.register_forward_pre_hook(partial(_before_layer, stack, self.window, position == 0))
         stack.layer_norm.register_forward_pre_hook(partial(_before_final_norm, stack, self.window))
 
+    def settings(self) -> dict:
+        return {"window": self.window}
+
     def describe(self) -> str:
         return f"dlcl(window={self.window})"

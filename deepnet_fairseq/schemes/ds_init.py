@@ -36,5 +36,8 @@ class DSInitScheme(ResidualScheme):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
+    def settings(self) -> dict:
+        return {"alpha": self.alpha, "exponent": self.exponent}
+
     def describe(self) -> str:
         return f"ds-init(alpha={self.alpha}, exponent={self.exponent})"

@@ -65,5 +65,8 @@ class NormFormerScheme(ResidualScheme):
             return layer.normformer_resid_scale * residual + branch
         return residual + branch
 
+    def settings(self) -> dict:
+        return {"head_scale": self.position, "scale_resids": self.scale_resids}
+
     def describe(self) -> str:
         return f"normformer(head_scale={self.position}, scale_resids={self.scale_resids})"

@@ -33,5 +33,8 @@ class PostLNInitScheme(ResidualScheme):
         for module in linear_modules(layer, names).values():
             module.weight.data.div_(shrink)
 
+    def settings(self) -> dict:
+        return {"layers": self.context.layers, "scope": self.scope}
+
     def describe(self) -> str:
         return f"post-ln-init(k_l = {self.context.layers} - l + 1, scope={self.scope})"

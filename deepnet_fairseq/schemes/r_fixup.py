@@ -87,5 +87,8 @@ class RFixupScheme(ResidualScheme):
     def combine(self, layer: nn.Module, sublayer: str, branch: Tensor, residual: Tensor) -> Tensor:
         return residual + getattr(layer, f"rfixup_{sublayer}_scale") * branch
 
+    def settings(self) -> dict:
+        return {"branches": self.num_branches}
+
     def describe(self) -> str:
         return f"r-fixup(L={self.num_branches})"

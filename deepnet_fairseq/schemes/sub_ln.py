@@ -43,5 +43,8 @@ class SubLNScheme(ResidualScheme):
         for name in SCALED:
             layer.get_submodule(name).weight.data.mul_(self.gamma)
 
+    def settings(self) -> dict:
+        return {"gamma": self.gamma}
+
     def describe(self) -> str:
         return f"sub-ln(gamma={self.gamma:.4f})"

@@ -49,5 +49,8 @@ class TFixupScheme(ResidualScheme):
             return  # the encoder already scaled the shared table
         stack.embed_tokens.weight.data.mul_(self.embed_scale)
 
+    def settings(self) -> dict:
+        return {"scale": self.scale, "embed_scale": self.embed_scale}
+
     def describe(self) -> str:
         return f"t-fixup(scale={self.scale:.4f}, embed_scale={self.embed_scale:.4f})"
