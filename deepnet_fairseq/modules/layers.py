@@ -3,25 +3,39 @@
 Submodule and parameter names are fairseq's own (``self_attn``, ``encoder_attn``, ``fc1``, ``fc2``,
 ``self_attn_layer_norm``, ...), so state dicts and fairseq tools work unchanged; schemes only add
 parameters of their own.  fairseq's layer ``forward`` calls ``residual_connection`` once per
-sub-layer, in order (self-attention, cross-attention, FFN); the layer counts those calls so the
-scheme knows which sub-layer it is combining.
+sub-layer that actually ran; a decoder layer with cross-attention called with ``encoder_out=None``
+skips the cross-attention sub-layer, so counting calls would mislabel the FFN.  Instead, a forward
+pre-hook on the module that opens each sub-layer (``self_attn``, ``encoder_attn``, ``fc1``) records
+which sub-layer is running, and ``residual_connection`` consumes that label.  The hooks are
+module-level functions bound with ``functools.partial``, so ``copy.deepcopy`` of the model (fairseq's
+EMA) rebinds them to the copied layer; activation checkpointing re-runs the forward, hooks included,
+and incremental decoding calls the same modules.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from functools import partial
+from typing import Dict, Tuple
 
 from fairseq.modules.transformer_layer import (
     TransformerDecoderLayerBase,
     TransformerEncoderLayerBase,
 )
-from torch import Tensor
+from torch import Tensor, nn
 
 from deepnet_fairseq.schemes.base import ResidualScheme
 
+# the submodule whose call opens each sub-layer of a fairseq layer
+SUBLAYER_ENTRY: Dict[str, str] = {"self_attn": "self_attn", "encoder_attn": "encoder_attn", "ffn": "fc1"}
+
+
+def _enter_sublayer(layer: nn.Module, sublayer: str, module: nn.Module, args) -> None:
+    """Forward pre-hook on a sub-layer's first module: mark ``sublayer`` as the one running."""
+    layer.running_sublayer = sublayer
+
 
 class SchemeLayerMixin:
-    """Delegates ``residual_connection`` to ``self.scheme`` with the sub-layer's name."""
+    """Delegates ``residual_connection`` to ``self.scheme`` with the name of the sub-layer that ran."""
 
     scheme: ResidualScheme
     sublayers: Tuple[str, ...]
@@ -30,17 +44,22 @@ class SchemeLayerMixin:
         self.scheme = scheme
         self.layer_index = index
         self.sublayers = sublayers
-        self._next_sublayer = 0
+        self.running_sublayer = None
+        for sublayer in sublayers:
+            entry = self.get_submodule(SUBLAYER_ENTRY[sublayer])
+            entry.register_forward_pre_hook(partial(_enter_sublayer, self, sublayer))
         scheme.prepare_layer(self, index)
         scheme.initialize_layer(self, index)
 
-    def forward(self, *args, **kwargs):
-        self._next_sublayer = 0
-        return super().forward(*args, **kwargs)
-
     def residual_connection(self, x: Tensor, residual: Tensor) -> Tensor:
-        sublayer = self.sublayers[self._next_sublayer]
-        self._next_sublayer += 1
+        sublayer = self.running_sublayer
+        if sublayer is None:
+            entries = ", ".join(SUBLAYER_ENTRY[s] for s in self.sublayers)
+            raise RuntimeError(
+                f"{type(self).__name__}.residual_connection was called without one of its sub-layer modules "
+                f"({entries}) running first, so the sub-layer to combine is unknown"
+            )
+        self.running_sublayer = None
         observer = self.__dict__.get("stability_observer")  # set only by --log-stability
         if observer is not None:
             observer.observe_residual(self, sublayer, x, residual)
@@ -56,7 +75,11 @@ class DeepNetEncoderLayer(SchemeLayerMixin, TransformerEncoderLayerBase):
 
 
 class DeepNetDecoderLayer(SchemeLayerMixin, TransformerDecoderLayerBase):
-    """Decoder layer: three sub-layers (self-attention, cross-attention, FFN), two without encoder."""
+    """Decoder layer: three sub-layers (self-attention, cross-attention, FFN), two without encoder.
+
+    A layer built with cross-attention but called with ``encoder_out=None`` runs only self-attention
+    and FFN (fairseq skips the cross-attention block); each is still combined as itself.
+    """
 
     def __init__(self, cfg, scheme: ResidualScheme, index: int = 1, no_encoder_attn: bool = False):
         super().__init__(cfg, no_encoder_attn=no_encoder_attn)
