@@ -61,6 +61,8 @@ class ResidualScheme:
 
     name: str = "post-ln"
     layer_norm: str = "post"
+    # the network the scheme computes; init-only variants of another scheme name that one
+    network: Optional[str] = None
 
     def __init__(self, context: SchemeContext):
         self.context = context
@@ -79,13 +81,21 @@ class ResidualScheme:
         """Stack-level hooks, called once all layers of ``stack`` are built."""
 
     def settings(self) -> Dict[str, object]:
-        """The scheme's resolved options and constants (floats, ints, strings, bools) for this side."""
+        """Resolved options and constants that change what the network computes (e.g. DeepNorm's alpha)."""
+        return {}
+
+    def init_settings(self) -> Dict[str, object]:
+        """Resolved options and constants that only decide the initial weights (e.g. DeepNorm's beta)."""
         return {}
 
     def record(self) -> Dict[str, object]:
-        """``{"scheme": name, **settings()}``: what a checkpoint must have been trained with to be loaded
-        into a model using this scheme (compared by :mod:`deepnet_fairseq.scheme_record`)."""
-        return {"scheme": self.name, **self.settings()}
+        """``{"scheme", "network", **settings(), "init": init_settings()}`` for this side.
+
+        A checkpoint loads into a model whose record has the same ``network`` and settings
+        (compared by :mod:`deepnet_fairseq.scheme_record`); ``scheme`` and ``init`` are shown, not compared.
+        """
+        return {"scheme": self.name, "network": self.network or self.name, **self.settings(),
+                "init": self.init_settings()}
 
     def describe(self) -> str:
         """A short human-readable summary for logs."""

@@ -103,7 +103,10 @@ class DeepNormScheme(ResidualScheme):
         deepnorm_init_(layer, self.beta, self.init)
 
     def settings(self) -> dict:
-        return {"alpha": self.alpha, "beta": self.beta, "init": self.init}
+        return {"alpha": self.alpha}
+
+    def init_settings(self) -> dict:
+        return {"beta": self.beta, "init": self.init}
 
     def describe(self) -> str:
         return f"deepnorm(alpha={self.alpha:.4f}, beta={self.beta:.4f}, init={self.init})"

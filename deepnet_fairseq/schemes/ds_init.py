@@ -17,6 +17,7 @@ from deepnet_fairseq.schemes.init import xavier_bound
 class DSInitScheme(ResidualScheme):
     name = "ds-init"
     layer_norm = "post"
+    network = "post-ln"  # an initialisation of Post-LN
 
     def __init__(self, context):
         super().__init__(context)
@@ -36,7 +37,7 @@ class DSInitScheme(ResidualScheme):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def settings(self) -> dict:
+    def init_settings(self) -> dict:
         return {"alpha": self.alpha, "exponent": self.exponent}
 
     def describe(self) -> str:

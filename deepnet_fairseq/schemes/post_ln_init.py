@@ -19,6 +19,7 @@ POST_LN_INIT_SCOPES = ("all", "ffn-out")
 class PostLNInitScheme(ResidualScheme):
     name = "post-ln-init"
     layer_norm = "post"
+    network = "post-ln"  # an initialisation of Post-LN
 
     def __init__(self, context):
         super().__init__(context)
@@ -33,7 +34,7 @@ class PostLNInitScheme(ResidualScheme):
         for module in linear_modules(layer, names).values():
             module.weight.data.div_(shrink)
 
-    def settings(self) -> dict:
+    def init_settings(self) -> dict:
         return {"layers": self.context.layers, "scope": self.scope}
 
     def describe(self) -> str:

@@ -87,7 +87,7 @@ class RFixupScheme(ResidualScheme):
     def combine(self, layer: nn.Module, sublayer: str, branch: Tensor, residual: Tensor) -> Tensor:
         return residual + getattr(layer, f"rfixup_{sublayer}_scale") * branch
 
-    def settings(self) -> dict:
+    def init_settings(self) -> dict:
         return {"branches": self.num_branches}
 
     def describe(self) -> str:

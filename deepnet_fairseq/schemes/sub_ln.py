@@ -43,7 +43,7 @@ class SubLNScheme(ResidualScheme):
         for name in SCALED:
             layer.get_submodule(name).weight.data.mul_(self.gamma)
 
-    def settings(self) -> dict:
+    def init_settings(self) -> dict:
         return {"gamma": self.gamma}
 
     def describe(self) -> str:
