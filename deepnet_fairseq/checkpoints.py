@@ -44,11 +44,13 @@ from omegaconf.nodes import AnyNode
 
 from deepnet_fairseq.scheme_record import (
     SchemeMismatchError,
+    apply_overrides,
+    architecture,
     describe,
     record_from_model_config,
     records_match,
-    split_overrides,
     stamp_record,
+    stored_model_config,
 )
 
 try:  # numpy >= 2
@@ -170,25 +172,16 @@ def average_checkpoints(inputs: Iterable[PathLike], output: PathLike) -> dict:
     return result
 
 
-def _model_config(state: dict):
-    cfg = state.get("cfg")
-    return cfg.get("model") if cfg is not None else state.get("args")
-
-
-def _architecture(model_cfg) -> str:
-    return str(getattr(model_cfg, "arch", None) or getattr(model_cfg, "_name", None) or "unknown")
-
-
 def check_same_network(paths: Sequence[Path], states: Sequence[dict]) -> None:
     """Refuse to average checkpoints of different architectures or residual schemes (constants included).
 
     Raises :class:`~deepnet_fairseq.scheme_record.SchemeMismatchError` naming the two files and settings.
     """
-    first_cfg = _model_config(states[0])
-    first_arch, first_record = _architecture(first_cfg), record_from_model_config(first_cfg)
+    first_cfg = stored_model_config(states[0])
+    first_arch, first_record = architecture(first_cfg), record_from_model_config(first_cfg)
     for path, state in zip(paths[1:], states[1:], strict=True):
-        cfg = _model_config(state)
-        arch, record = _architecture(cfg), record_from_model_config(cfg)
+        cfg = stored_model_config(state)
+        arch, record = architecture(cfg), record_from_model_config(cfg)
         if arch != first_arch:
             raise SchemeMismatchError(
                 f"{paths[0]} is --arch {first_arch} but {path} is --arch {arch}: cannot average different models"
@@ -259,11 +252,15 @@ def install_crash_safe_checkpoint_io() -> None:
         return True
 
     def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
-        other_overrides, scheme_overrides = split_overrides(arg_overrides)
+        state = read(path, load_on_all_ranks)
+        # the record of what the checkpoint was trained as, before --model-overrides change its config
+        stamp_record(state)
+        apply_overrides(state, arg_overrides)
+        return state
+
+    def read(path, load_on_all_ranks):
         try:
-            state = fairseq_load(path, other_overrides, load_on_all_ranks)
-            stamp_record(state, scheme_overrides)
-            return state
+            return fairseq_load(path, None, load_on_all_ranks)
         except FileNotFoundError:
             raise
         except pickle.UnpicklingError as err:

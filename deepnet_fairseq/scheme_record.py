@@ -6,27 +6,34 @@ every skip connection).  The same holds for ``--deepnorm-alpha``, Admin's closed
 window, NormFormer's head-scale position, and for LayerDrop pruning (``--*-layers-to-keep``), whose
 kept layers must keep the constants they were trained with.
 
-The *record* of a model is ``{side: {"scheme": name, **settings}}`` for its encoder and/or decoder
-(:meth:`deepnet_fairseq.schemes.base.ResidualScheme.record`).  A checkpoint's record is computed from
-the model configuration it stores (``cfg.model``/``args``: arch, ``--residual-scheme`` and its
-options, the true depths), so checkpoints need no new field and stock fairseq checkpoints have one
-too: fairseq's own ``transformer``/``transformer_lm`` are ``post-ln`` or, with
-``--*-normalize-before``, ``pre-ln``.
+The *record* of a model is ``{side: {"scheme", "network", **settings, "init": {...}}}`` for its
+encoder and/or decoder (:meth:`deepnet_fairseq.schemes.base.ResidualScheme.record`).  Two records
+describe the same network when every side has the same ``network`` and the same settings that change
+what the network computes (DeepNorm's alpha, ...); the scheme's name and its init-only constants
+(DeepNorm's beta and init variant, DS-Init, Post-LN-init, ...) are shown, not compared: they decide
+the initial weights, which a checkpoint replaces.  A checkpoint's record is computed from the model
+configuration it stores (``cfg.model``/``args``: arch, ``--residual-scheme`` and its options, the
+trained depths), as stored, before any ``--model-overrides``; so checkpoints need no new field and
+stock fairseq checkpoints have a record too: fairseq's own ``transformer``/``transformer_lm`` are
+``post-ln`` or, with ``--*-normalize-before``, ``pre-ln``.
 
 When fairseq loads a checkpoint (``checkpoint_utils.load_checkpoint_to_cpu``: resume,
 ``--restore-file``, ``--finetune-from-model``, ``fairseq-generate``/``-interactive``/``-validate``,
-the hub) the record is put into ``state["model"]`` under :data:`RECORD_KEY`; fairseq models take it
-out in ``load_state_dict`` and refuse a mismatch with :class:`SchemeMismatchError`, naming both
-settings.  ``--allow-residual-scheme-change`` loads anyway (with a warning).  fairseq's own models
-accept only ``post-ln``/``pre-ln`` checkpoints (the networks they compute).
+the hub) the record is attached to ``state["model"]`` as the attribute :data:`RECORD_ATTRIBUTE`
+(the state dict's keys and values stay the weights); every fairseq model checks it in
+``load_state_dict`` against its own record (fairseq's own models: from the configuration they are
+loaded under) and refuses a mismatch with :class:`SchemeMismatchError`, naming both.  This load's
+``--allow-residual-scheme-change`` (the command line, or ``--model-overrides``; never the value a
+checkpoint stored) loads anyway, with a warning.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import math
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional
 
 from deepnet_fairseq.schemes import DeepNetConfigError
 
@@ -34,23 +41,14 @@ logger = logging.getLogger(__name__)
 
 Record = Dict[str, Dict[str, object]]
 
-RECORD_KEY = "residual_scheme_record"
-NATIVE_SCHEMES = ("post-ln", "pre-ln")
+RECORD_ATTRIBUTE = "residual_scheme_record"
+NATIVE_NETWORKS = ("post-ln", "pre-ln")
+SHOWN_ONLY = ("scheme", "init")
 ALLOW_FLAG = "--allow-residual-scheme-change"
-# options that say nothing about the network a checkpoint computes
-NOT_RECORDED_OPTIONS = ("log_stability", "stability_interval", "stop_on_divergence_patience",
-                        "allow_residual_scheme_change")
 
 
 class SchemeMismatchError(DeepNetConfigError):
     """A checkpoint trained with one residual scheme (or constants) loaded into a model with another."""
-
-
-def recorded_options() -> Tuple[str, ...]:
-    """Names of the plugin options that change a model's record (``--model-overrides`` keys)."""
-    from deepnet_fairseq.models.options import OPTION_DEFAULTS
-
-    return tuple(name for name in OPTION_DEFAULTS if name not in NOT_RECORDED_OPTIONS)
 
 
 def _as_namespace(model_cfg) -> argparse.Namespace:
@@ -58,7 +56,15 @@ def _as_namespace(model_cfg) -> argparse.Namespace:
 
     if OmegaConf.is_config(model_cfg):
         return argparse.Namespace(**OmegaConf.to_container(model_cfg, resolve=True))
+    if isinstance(model_cfg, Mapping):  # dataclass models' cfg.model as fairseq saves it
+        return argparse.Namespace(**model_cfg)
     return argparse.Namespace(**vars(model_cfg))
+
+
+def architecture(model_cfg) -> str:
+    """``--arch`` (or the dataclass model's name) of a stored model configuration."""
+    args = _as_namespace(model_cfg)
+    return str(getattr(args, "arch", None) or getattr(args, "_name", None) or "unknown")
 
 
 def _is_deepnet_model(args: argparse.Namespace) -> bool:
@@ -66,7 +72,7 @@ def _is_deepnet_model(args: argparse.Namespace) -> bool:
 
     from deepnet_fairseq.models.training import DeepNetModelMixin
 
-    name = getattr(args, "arch", None) or getattr(args, "_name", None)
+    name = architecture(args)
     cls = ARCH_MODEL_REGISTRY.get(name) or MODEL_REGISTRY.get(name)
     return isinstance(cls, type) and issubclass(cls, DeepNetModelMixin)
 
@@ -84,8 +90,11 @@ def record_from_model_config(model_cfg) -> Optional[Record]:
     if not sides:
         return None
     if not _is_deepnet_model(args):
-        return {side: {"scheme": "pre-ln" if getattr(args, f"{side}_normalize_before", False) else "post-ln"}
-                for side in sides}
+        record = {}
+        for side in sides:
+            network = "pre-ln" if getattr(args, f"{side}_normalize_before", False) else "post-ln"
+            record[side] = {"scheme": network, "network": network, "init": {}}
+        return record
     from deepnet_fairseq.models.options import build_schemes, fill_option_defaults
 
     fill_option_defaults(args)
@@ -101,16 +110,26 @@ def model_record(encoder, decoder) -> Record:
     return record
 
 
+def _format(items) -> str:
+    return ", ".join(f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}" for key, value in items)
+
+
 def describe(record: Mapping[str, Mapping[str, object]]) -> str:
-    """``"encoder deepnorm(alpha=1.4179, beta=0.4970, init=paper), decoder ..."``."""
+    """``"encoder deepnorm(alpha=1.4179; init beta=0.497, init=paper), decoder ..."``."""
     parts = []
     for side, entry in record.items():
-        settings = ", ".join(
-            f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}"
-            for key, value in entry.items() if key != "scheme"
-        )
-        parts.append(f"{side} {entry['scheme']}" + (f"({settings})" if settings else ""))
+        network = [(k, v) for k, v in entry.items() if k not in (*SHOWN_ONLY, "network")]
+        init = list(entry.get("init", {}).items())
+        inside = "; ".join(text for text in (_format(network), "init " + _format(init) if init else "") if text)
+        name = entry["scheme"]
+        if name != entry["network"]:
+            name += f" (a {entry['network']} network)"
+        parts.append(f"{side} {name}" + (f"({inside})" if inside else ""))
     return ", ".join(parts)
+
+
+def _network(entry: Mapping[str, object]) -> Dict[str, object]:
+    return {k: v for k, v in entry.items() if k not in SHOWN_ONLY}
 
 
 def _same_value(a: object, b: object) -> bool:
@@ -123,11 +142,12 @@ def _same_value(a: object, b: object) -> bool:
 
 
 def records_match(a: Mapping, b: Mapping) -> bool:
-    """Same sides, same scheme and settings on each (floats to a relative 1e-6)."""
+    """Same sides, and on each the same network and network settings (floats to a relative 1e-6)."""
     if set(a) != set(b):
         return False
     for side in a:
-        if set(a[side]) != set(b[side]) or not all(_same_value(a[side][k], b[side][k]) for k in a[side]):
+        x, y = _network(a[side]), _network(b[side])
+        if set(x) != set(y) or not all(_same_value(x[k], y[k]) for k in x):
             return False
     return True
 
@@ -136,21 +156,28 @@ def check_loaded_record(model, record: Optional[Mapping], model_cfg) -> None:
     """Refuse loading a checkpoint with ``record`` into ``model`` when they compute different networks.
 
     ``model`` is any fairseq model: this plugin's models carry ``residual_scheme_record``; fairseq's own
-    compute ``post-ln``/``pre-ln`` only.  ``model_cfg`` (the configuration the model is loaded under)
-    may set ``allow_residual_scheme_change``.  Raises :class:`SchemeMismatchError`.
+    models compute ``post-ln``/``pre-ln`` networks, read from ``model_cfg`` (the configuration the model
+    is loaded under), which may also set ``allow_residual_scheme_change`` (this plugin's models only).
+    Raises :class:`SchemeMismatchError`.
     """
     if not record:
         return
     own = model.__dict__.get("residual_scheme_record")
     if own is None:
-        foreign = {side: entry for side, entry in record.items() if entry.get("scheme") not in NATIVE_SCHEMES}
+        foreign = {side: entry for side, entry in record.items() if entry.get("network") not in NATIVE_NETWORKS}
         if foreign:
             raise SchemeMismatchError(
                 f"the checkpoint was trained with {describe(record)}, which fairseq's own {type(model).__name__} "
                 "cannot compute: load it with --user-dir deepnet_fairseq into the deepnet architecture it was "
                 "trained with (same --residual-scheme/--deepnorm flags)"
             )
-        return
+        own = record_from_model_config(model_cfg) if model_cfg is not None else None
+        if own is None or set(own) != set(record) or records_match(own, record):
+            return
+        raise SchemeMismatchError(
+            f"the checkpoint was trained with {describe(record)}, but this {type(model).__name__} is built with "
+            f"{describe(own)} (--*-normalize-before): the same weights would compute a different network"
+        )
     if records_match(own, record):
         return
     message = (
@@ -173,37 +200,54 @@ def _option(cfg, name: str):
         return None
 
 
-def stamp_record(state: dict, scheme_overrides: Optional[Dict[str, object]] = None) -> None:
-    """Put the record of a loaded checkpoint ``state`` into ``state["model"][RECORD_KEY]``, then apply
-    ``scheme_overrides`` (``--model-overrides`` of recorded options) to its configuration, so that a
-    model built from the overridden configuration is compared with what the checkpoint was trained with.
-    """
+def stored_model_config(state: Mapping):
+    """The model configuration a checkpoint stores: ``cfg.model`` (or ``args`` of old checkpoints)."""
     cfg = state.get("cfg")
-    model_cfg = cfg.get("model") if cfg is not None else state.get("args")
+    return cfg.get("model") if cfg is not None else state.get("args")
+
+
+def stamp_record(state: dict) -> None:
+    """Attach the record of a loaded checkpoint ``state`` (as stored, before any override) to
+    ``state["model"]`` as :data:`RECORD_ATTRIBUTE`, and drop the ``allow_residual_scheme_change`` the
+    checkpoint stored: it allowed one earlier load, not every later one."""
+    model_cfg = stored_model_config(state)
     record = record_from_model_config(model_cfg)
-    if record is not None and isinstance(state.get("model"), dict):
-        state["model"][RECORD_KEY] = record
-    if scheme_overrides:
-        from fairseq.dataclass.utils import overwrite_args_by_name
+    weights = state.get("model")
+    if record is None or not isinstance(weights, Mapping):
+        return
+    if not isinstance(weights, collections.OrderedDict):  # a plain dict cannot carry an attribute
+        weights = state["model"] = collections.OrderedDict(weights)
+    setattr(weights, RECORD_ATTRIBUTE, record)
+    for config in (state.get("args"), model_cfg):
+        if config is not None and _option(config, "allow_residual_scheme_change"):
+            _set_option(config, "allow_residual_scheme_change", False)
 
-        if cfg is not None:
-            overwrite_args_by_name(cfg, scheme_overrides)
-        if state.get("args") is not None:
-            for name, value in scheme_overrides.items():
-                setattr(state["args"], name, value)
+
+def _set_option(config, name: str, value) -> None:
+    """Set an option that ``config`` (a Namespace, an OmegaConf config or a dict) already has."""
+    if isinstance(config, argparse.Namespace):
+        setattr(config, name, value)
+    else:
+        config[name] = value
 
 
-def split_overrides(arg_overrides: Optional[Dict[str, object]]) -> Tuple[Optional[dict], Dict[str, object]]:
-    """``(other overrides, overrides of recorded options)`` of fairseq's ``arg_overrides``."""
+def apply_overrides(state: dict, arg_overrides: Optional[Dict[str, object]]) -> None:
+    """Apply ``--model-overrides``/hub keyword overrides to a loaded checkpoint's configuration, as
+    fairseq's ``load_checkpoint_to_cpu`` does (``args`` attributes, ``cfg`` by name)."""
     if not arg_overrides:
-        return arg_overrides, {}
-    recorded = set(recorded_options())
-    scheme = {k: v for k, v in arg_overrides.items() if k in recorded}
-    return {k: v for k, v in arg_overrides.items() if k not in recorded}, scheme
+        return
+    from fairseq.dataclass.utils import overwrite_args_by_name
+
+    if state.get("args") is not None:
+        for name, value in arg_overrides.items():
+            setattr(state["args"], name, value)
+    if state.get("cfg") is not None:
+        overwrite_args_by_name(state["cfg"], arg_overrides)
 
 
 def install_record_check() -> None:
-    """Make every fairseq model check :data:`RECORD_KEY` in ``load_state_dict`` (idempotent)."""
+    """Make every fairseq model check a state dict's :data:`RECORD_ATTRIBUTE` in ``load_state_dict``
+    (idempotent)."""
     from fairseq.models.fairseq_model import BaseFairseqModel
 
     if getattr(BaseFairseqModel.load_state_dict, "_deepnet_record_check", False):
@@ -211,21 +255,8 @@ def install_record_check() -> None:
     fairseq_load_state_dict = BaseFairseqModel.load_state_dict
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        if RECORD_KEY in state_dict:
-            check_loaded_record(self, state_dict[RECORD_KEY], model_cfg)
-            state_dict = _without_record(state_dict)
+        check_loaded_record(self, getattr(state_dict, RECORD_ATTRIBUTE, None), model_cfg)
         return fairseq_load_state_dict(self, state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
     load_state_dict._deepnet_record_check = True
     BaseFairseqModel.load_state_dict = load_state_dict
-
-
-def _without_record(state_dict) -> dict:
-    """A shallow copy of ``state_dict`` without the record (torch's ``_metadata`` kept)."""
-    import collections
-
-    copy = collections.OrderedDict((k, v) for k, v in state_dict.items() if k != RECORD_KEY)
-    metadata = getattr(state_dict, "_metadata", None)
-    if metadata is not None:
-        copy._metadata = metadata
-    return copy

@@ -137,15 +137,16 @@ def _resume(trained, tiny_data, tmp_path, monkeypatch, *flags, arch="deepnet_tra
     "flags, needle",
     [
         ((), "this model is built with encoder post-ln, decoder post-ln"),
-        (("--deepnorm", "--deepnorm-alpha", "3.0"), "this model is built with encoder deepnorm(alpha=3,"),
-        (("--residual-scheme", "post-ln-init"), "this model is built with encoder post-ln-init("),
+        (("--deepnorm", "--deepnorm-alpha", "3.0"), "this model is built with encoder deepnorm(alpha=3;"),
+        (("--residual-scheme", "admin-closed"), "this model is built with encoder admin-closed(omega="),
     ],
 )
 def test_resume_with_another_scheme_is_refused_naming_both(trained, tiny_data, tmp_path, monkeypatch, flags, needle):
     with pytest.raises(Exception) as info:
         _resume(trained, tiny_data, tmp_path, monkeypatch, *flags)
     text = causes(info.value)
-    assert "SchemeMismatchError" in text and "trained with encoder deepnorm(alpha=1.00" in text
+    assert "SchemeMismatchError" in text
+    assert "trained with encoder deepnorm(alpha=1.0059; init beta=0.700563, init=paper)" in text
     assert needle in text and "--allow-residual-scheme-change" in text
 
 
@@ -180,7 +181,8 @@ def test_stock_transformer_and_plain_deepnet_transformer_load_each_other(trained
 
 def test_model_overrides_that_change_the_scheme_are_refused(trained, tiny_data):
     path = str(trained / "deepnorm" / "checkpoint_last.pt")
-    changes = ({"deepnorm": False}, {"deepnorm_alpha": "2.5"}, {"deepnorm": False, "residual_scheme": "post-ln-init"})
+    changes = ({"deepnorm": False}, {"deepnorm_alpha": "2.5"}, {"deepnorm": False, "residual_scheme": "post-ln-init"},
+               {"encoder_layers": 6, "encoder_layers_to_keep": "0,1"})
     for overrides in changes:
         with pytest.raises(SchemeMismatchError, match="trained with encoder deepnorm"):
             checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides={"data": str(tiny_data), **overrides})
@@ -219,3 +221,71 @@ def test_averaging_same_network_still_works(trained, tmp_path):
     shutil.copy(path, copy)
     result = average_checkpoints([path, copy], tmp_path / "avg.pt")
     assert Path(tmp_path / "avg.pt").exists() and result["model"].keys() == load_checkpoint(path)["model"].keys()
+
+
+def test_loaded_state_dict_holds_only_weights(trained):
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(trained / "deepnorm" / "checkpoint_last.pt"))
+    assert all(torch.is_tensor(v) for v in state["model"].values())
+    assert sum(v.numel() for v in state["model"].values()) > 0
+
+
+@pytest.mark.parametrize("flags", [("--deepnorm", "--deepnorm-beta", "0.5"),
+                                   ("--deepnorm", "--deepnorm-init", "torchscale")])
+def test_init_only_settings_do_not_block_a_resume(trained, tiny_data, tmp_path, monkeypatch, flags):
+    save = _resume(trained, tiny_data, tmp_path, monkeypatch, *flags)
+    assert load_checkpoint(save / "checkpoint_last.pt")["optimizer_history"][-1]["num_updates"] == 3
+
+
+def test_init_variants_of_post_ln_load_stock_checkpoints(trained, tiny_data):
+    for scheme in ("post-ln-init", "ds-init"):
+        model, _ = build(tiny_data, "--residual-scheme", scheme, "--encoder-layers", 2, "--decoder-layers", 2)
+        state = checkpoint_utils.load_checkpoint_to_cpu(str(trained / "stock" / "checkpoint_last.pt"))
+        model.load_state_dict(state["model"], strict=True, model_cfg=state["cfg"].model)
+
+
+def test_allow_flag_is_not_stored_for_later_loads(trained, tiny_data, tmp_path, monkeypatch):
+    save = _resume(trained, tiny_data, tmp_path, monkeypatch, "--deepnorm", "--deepnorm-alpha", "1.2",
+                   "--allow-residual-scheme-change")
+    assert load_checkpoint(save / "checkpoint_last.pt")["cfg"]["model"].allow_residual_scheme_change
+    with pytest.raises(SchemeMismatchError, match=r"trained with encoder deepnorm\(alpha=1.2;"):
+        checkpoint_utils.load_model_ensemble_and_task(
+            [str(save / "checkpoint_last.pt")], arg_overrides={"data": str(tiny_data), "deepnorm_alpha": "1.0"})
+
+
+def test_override_that_breaks_the_stored_config_is_not_called_corrupt(trained, tiny_data):
+    from deepnet_fairseq.schemes import DeepNetConfigError
+
+    with pytest.raises(DeepNetConfigError) as info:
+        checkpoint_utils.load_model_ensemble_and_task([str(trained / "deepnorm" / "checkpoint_last.pt")],
+                                                      arg_overrides={"data": str(tiny_data),
+                                                                     "encoder_normalize_before": True})
+    assert "--encoder-normalize-before" in str(info.value) and "corrupt" not in causes(info.value)
+
+
+def test_stock_model_refuses_a_checkpoint_with_the_other_layer_norm_placement(trained, tiny_data):
+    import argparse
+
+    from deepnet_fairseq.scheme_record import check_loaded_record, record_from_model_config
+
+    stock_model, _ = build(tiny_data, *STOCK_TINY, "--encoder-layers", 2, "--decoder-layers", 2, arch="transformer")
+    post_ln = record_from_model_config(load_checkpoint(trained / "stock" / "checkpoint_last.pt")["cfg"]["model"])
+    pre_ln_cfg = argparse.Namespace(arch="transformer", encoder_layers=2, decoder_layers=2,
+                                    encoder_normalize_before=True, decoder_normalize_before=True)
+    with pytest.raises(SchemeMismatchError, match="is built with encoder pre-ln"):
+        check_loaded_record(stock_model, post_ln, pre_ln_cfg)
+    check_loaded_record(stock_model, post_ln, argparse.Namespace(arch="transformer", encoder_layers=2,
+                                                                 decoder_layers=2))
+
+
+def test_averaging_dataclass_model_configs_stored_as_dicts(trained, tmp_path):
+    """deepnet_lm/transformer_lm checkpoints store cfg.model as a plain dict (fairseq's to_container)."""
+    state = load_checkpoint(trained / "deepnorm" / "checkpoint_last.pt")
+    lm_cfg = {"_name": "deepnet_lm", "decoder_layers": 2, "deepnorm": True}
+    paths = []
+    for name, cfg in (("a", lm_cfg), ("b", lm_cfg), ("c", {**lm_cfg, "deepnorm": False})):
+        state["cfg"]["model"] = dict(cfg)
+        paths.append(tmp_path / f"{name}.pt")
+        torch.save(state, paths[-1])
+    average_checkpoints(paths[:2], tmp_path / "avg.pt")
+    with pytest.raises(SchemeMismatchError, match="decoder deepnorm.*but .*c.pt with decoder post-ln"):
+        average_checkpoints([paths[0], paths[2]], tmp_path / "avg2.pt")

@@ -49,7 +49,7 @@ class TFixupScheme(ResidualScheme):
             return  # the encoder already scaled the shared table
         stack.embed_tokens.weight.data.mul_(self.embed_scale)
 
-    def settings(self) -> dict:
+    def init_settings(self) -> dict:
         return {"scale": self.scale, "embed_scale": self.embed_scale}
 
     def describe(self) -> str:
