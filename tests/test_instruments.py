@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 
 import pytest
@@ -10,7 +11,7 @@ from fairseq.logging import metrics
 
 import deepnet_fairseq  # noqa: F401
 from conftest import train_args
-from deepnet_fairseq.analysis.instruments import decoder_features
+from deepnet_fairseq.analysis.instruments import decoder_features, rms_norm_per_token
 from modelkit import build, sample_batch
 
 
@@ -175,19 +176,33 @@ def _instrumented_model(tiny_data):
     return model, task
 
 
+def _record_residuals(layer, key, residuals):
+    """Wrap ``layer.residual_connection`` (an instance attribute; ``del`` restores the method) so that it
+    records the branch G(x) and residual x it combines, keyed ``<key>_<sub-layer>``."""
+    combine = layer.residual_connection
+
+    def recording(branch, residual):
+        residuals[f"{key}_{layer.running_sublayer}"] = (branch.detach().clone(), residual.detach().clone())
+        return combine(branch, residual)
+
+    layer.residual_connection = recording
+
+
 def _measure_ln_inputs(model, net_input):
-    """One measured training forward; returns the logged values and every sub-layer LayerNorm's input,
-    recorded by this test's own hooks (keyed like the instruments: ``dec02_encoder_attn``)."""
-    inputs, handles = {}, []
-    stacks = [("enc", model.encoder.layers, ("self_attn", "ffn")),
-              ("dec", model.decoder.layers, ("self_attn", "encoder_attn", "ffn"))]
-    for side, layers, sublayers in stacks:
-        for index, layer in enumerate(layers, start=1):
-            for sublayer in sublayers:
-                norm = layer.get_submodule(SUBLAYER_LAYER_NORMS[sublayer])
-                key = f"{side}{index:02d}_{sublayer}"
-                handles.append(norm.register_forward_pre_hook(
-                    lambda module, args, key=key: inputs.__setitem__(key, args[0].detach().clone())))
+    """One measured training forward; returns the logged values, every sub-layer LayerNorm's input and every
+    sub-layer's (branch, residual) pair, recorded by this test's own hooks (keyed like the instruments:
+    ``dec02_encoder_attn``).  Works for the encoder-decoder and the decoder-only LM."""
+    inputs, residuals, handles = {}, {}, []
+    encoder = getattr(model, "encoder", None)
+    stacks = ([("enc", encoder.layers)] if encoder is not None else []) + [("dec", model.decoder.layers)]
+    layers = [(f"{side}{index:02d}", layer) for side, stack in stacks for index, layer in enumerate(stack, start=1)]
+    for name, layer in layers:
+        _record_residuals(layer, name, residuals)
+        for sublayer in layer.sublayers:
+            norm = layer.get_submodule(SUBLAYER_LAYER_NORMS[sublayer])
+            key = f"{name}_{sublayer}"
+            handles.append(norm.register_forward_pre_hook(
+                lambda module, args, key=key: inputs.__setitem__(key, args[0].detach().clone())))
     try:
         with metrics.aggregate(new_root=True) as agg:
             model(**net_input)
@@ -195,7 +210,9 @@ def _measure_ln_inputs(model, net_input):
     finally:
         for handle in handles:
             handle.remove()
-    return logged, inputs
+        for _, layer in layers:
+            del layer.residual_connection
+    return logged, inputs, residuals
 
 
 def _direct_rms(x, real):
@@ -203,13 +220,58 @@ def _direct_rms(x, real):
     return x.double().pow(2).mean(-1).sqrt()[real.t()].mean().item()
 
 
+def _direct_ratio(branch, residual, real):
+    """Mean over real tokens of ||G(x)_token|| / ||x_token||; tensors T x B x C, real B x T."""
+    return (branch.double().norm(dim=-1) / residual.double().norm(dim=-1))[real.t()].mean().item()
+
+
+def _direct_update(model, net_input, real):
+    """Perturb every parameter; return ||F(x; theta_1) - F(x; theta_0)|| per token (F: the decoder's output
+    features, B x T x C), averaged over the real tokens (``real``: B x T) and over all tokens."""
+    model.eval()
+    with torch.no_grad():
+        before = model(**net_input, features_only=True)[0]
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        after = model(**net_input, features_only=True)[0]
+    model.train()
+    change = (after - before).double().norm(dim=-1)
+    return change[real].mean().item(), change.mean().item()
+
+
+def _assert_padding_left_out(model, net_input, real):
+    """Every ``_ln``/``_ratio`` value and ``stab_update`` equal direct computations over the real tokens
+    (``real``: B x T masks by side), while averaging over all positions would give other values."""
+    logged, inputs, residuals = _measure_ln_inputs(model, net_input)
+    keys = sorted(inputs)
+    assert sorted(residuals) == keys
+    padding_matters = []
+    for key in keys:
+        mask = real[key[:3]]
+        direct_ln = _direct_rms(inputs[key], mask)
+        assert logged[f"stab_{key}_ln"] == pytest.approx(direct_ln, rel=1e-5), key
+        assert logged[f"stab_{key}_ratio"] == pytest.approx(_direct_ratio(*residuals[key], mask), rel=1e-5), key
+        padding_matters.append(direct_ln != pytest.approx(_direct_rms(inputs[key], torch.ones_like(mask)), rel=1e-3))
+    later = [key for key in keys if not key.endswith("01_self_attn")]  # past the first sub-layer of a stack
+    later_ratios = [logged[f"stab_{key}_ratio"] for key in later]
+    all_positions = [_direct_ratio(*residuals[key], torch.ones_like(real[key[:3]])) for key in later]
+    assert later_ratios != pytest.approx(all_positions, rel=1e-3)  # padded positions are not zero there
+    assert any(padding_matters)
+    torch.manual_seed(0)
+    direct_real, direct_all = _direct_update(model, net_input, real["dec"])
+    assert direct_real != pytest.approx(direct_all, rel=1e-3)
+    with metrics.aggregate(new_root=True) as agg:
+        model(**net_input)
+        assert agg["stab_update"].avg == pytest.approx(direct_real, rel=1e-4)
+
+
 def test_every_sublayer_ln_norm_equals_direct_rms_of_its_layernorm_input(tiny_data):
     """``stab_<layer>_<sub-layer>_ln`` of all 10 sub-layers (self_attn, encoder_attn, ffn; encoder and
     decoder) equals the per-token RMS of the input of that sub-layer's own LayerNorm."""
     model, task = _instrumented_model(tiny_data)
     src, lengths, prev = sample_batch(task, n=5, src_len=8, tgt_len=7)
-    logged, inputs = _measure_ln_inputs(model, {"src_tokens": src, "src_lengths": lengths,
-                                                "prev_output_tokens": prev})
+    logged, inputs, _ = _measure_ln_inputs(model, {"src_tokens": src, "src_lengths": lengths,
+                                                   "prev_output_tokens": prev})
     assert sorted(k[len("stab_"):-len("_ln")] for k in logged if k.endswith("_ln") and k != "stab_ln_max") == sorted(
         EXPECTED_SUBLAYERS)
     real = {"enc": torch.ones_like(src, dtype=torch.bool), "dec": torch.ones_like(prev, dtype=torch.bool)}
@@ -220,31 +282,47 @@ def test_every_sublayer_ln_norm_equals_direct_rms_of_its_layernorm_input(tiny_da
     assert logged["stab_ln_max"] == pytest.approx(max(direct.values()), rel=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="instruments average over padding positions too: rms_norm_per_token and "
-                   "model_update_norm drop only all-zero vectors, but a padded position is zero only before the "
-                   "first sub-layer (README: 'Padding positions are left out')")
-def test_ln_norms_and_model_update_leave_out_padding(tiny_data):
+def test_ln_norms_ratios_and_model_update_leave_out_padding(tiny_data):
     """With source left padding and target right padding (as fairseq batches them), every ``_ln`` value is
-    the RMS over real tokens only, and ``stab_update`` the feature-change norm over real target tokens only."""
+    the RMS over real tokens only, every ``_ratio`` the branch ratio over real tokens only (encoder layers:
+    the source's, decoder layers: the target's), and ``stab_update`` the feature-change norm over real
+    target tokens only."""
     model, task = _instrumented_model(tiny_data)
     pad = task.source_dictionary.pad()
     net_input = _net_input(task)  # source row 0 left-padded by 2
     net_input["prev_output_tokens"][1, -3:] = pad  # target row 1 right-padded by 3
     real = {"enc": net_input["src_tokens"].ne(pad), "dec": net_input["prev_output_tokens"].ne(pad)}
-    logged, inputs = _measure_ln_inputs(model, net_input)
-    for key in EXPECTED_SUBLAYERS:
-        assert logged[f"stab_{key}_ln"] == pytest.approx(_direct_rms(inputs[key], real[key[:3]]), rel=1e-5), key
-    model.eval()
-    with torch.no_grad():
-        before = model(**net_input, features_only=True)[0]
-        for p in model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-        after = model(**net_input, features_only=True)[0]
+    _assert_padding_left_out(model, net_input, real)
+
+
+@pytest.fixture(scope="module")
+def lm_dict(tiny_data, tmp_path_factory):
+    """A language_modeling data directory: only its dictionary is needed to build a model."""
+    root = tmp_path_factory.mktemp("lm_dict")
+    shutil.copy(tiny_data / "dict.src.txt", root / "dict.txt")
+    return root
+
+
+def test_language_model_instruments_leave_out_padding(lm_dict):
+    """deepnet_lm: its decoder layers' padding comes from ``src_tokens`` (right padding, as
+    ``--sample-break-mode eos`` batches it); ``_ln``, ``_ratio`` and ``stab_update`` leave it out."""
+    model, task = build(lm_dict, "--deepnorm", "--decoder-layers", 2, "--decoder-embed-dim", 32,
+                        "--decoder-ffn-embed-dim", 64, "--decoder-attention-heads", 2, "--dropout", 0,
+                        "--log-stability", "--stability-interval", 1, task_name="language_modeling",
+                        arch="deepnet_lm")
     model.train()
-    with metrics.aggregate(new_root=True) as agg:
-        model(**net_input)
-        direct = (after - before).double().norm(dim=-1)[real["dec"]].mean().item()
-        assert agg["stab_update"].avg == pytest.approx(direct, rel=1e-4)
+    pad = task.dictionary.pad()
+    tokens = torch.randint(4, len(task.dictionary), (4, 9), generator=torch.Generator().manual_seed(0))
+    tokens[1, -3:] = pad
+    tokens[2, -5:] = pad
+    _assert_padding_left_out(model, {"src_tokens": tokens}, {"dec": tokens.ne(pad)})
+
+
+def test_padding_mask_must_match_the_activations():
+    """An activation whose token positions do not match the batch's mask (e.g. incremental decoding's single
+    step) is an error naming the flag, not a silently wrong average."""
+    with pytest.raises(RuntimeError, match="--log-stability.*padding mask"):
+        rms_norm_per_token(torch.ones(1, 2, 4), torch.ones(3, 2, dtype=torch.bool))
 
 
 def test_model_update_probe_stays_the_first_batch(tiny_data):
@@ -281,3 +359,22 @@ def test_model_update_probe_stays_the_first_batch(tiny_data):
             assert agg["stab_update"].avg == pytest.approx(direct["first"], rel=1e-4), step
     for key, value in first.items():
         assert model.stability_monitor.probe[key].equal(value), key
+
+
+def test_failed_measured_forward_leaves_no_measurement_behind(tiny_data):
+    """An out-of-memory batch that fairseq skips raises inside the measured forward: the next batch, of
+    another shape, must measure cleanly (no stale masks, no leftover gradient hooks)."""
+    model, task = build(tiny_data, "--deepnorm", "--encoder-layers", 2, "--decoder-layers", 2, "--dropout", 0,
+                        "--log-stability", "--stability-interval", 1)
+    monitor = model.stability_monitor
+    model.train()
+    failing = model.decoder.layers[0].register_forward_hook(lambda m, a, o: (_ for _ in ()).throw(RuntimeError("oom")))
+    with pytest.raises(RuntimeError, match="oom"):
+        model(**_net_input(task))
+    failing.remove()
+    assert not monitor.measuring and not monitor.grad_hooks
+    src, lengths, prev = sample_batch(task, n=3, src_len=5, tgt_len=4, seed=1)
+    with metrics.aggregate(new_root=True) as agg:
+        out, _ = model(src, lengths, prev)
+        out.float().logsumexp(-1).mean().backward()
+        assert sum(1 for key in agg.keys() if key.endswith("_gnorm")) == 10

@@ -30,7 +30,11 @@ def training_forward(model: nn.Module, net_input: Dict[str, Tensor], run: Callab
         monitor.remove_grad_hooks()  # a measured forward without backward must not measure this update
         return run()
     monitor.begin(model, net_input)
-    output = run()
+    try:
+        output = run()
+    except BaseException:
+        monitor.cancel()
+        raise
     monitor.end(model)
     return output
 
