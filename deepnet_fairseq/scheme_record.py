@@ -15,7 +15,7 @@ the initial weights, which a checkpoint replaces.  A checkpoint's record is comp
 configuration it stores (``cfg.model``/``args``: arch, ``--residual-scheme`` and its options, the
 trained depths), as stored, before any ``--model-overrides``; so checkpoints need no new field and
 stock fairseq checkpoints have a record too: fairseq's own ``transformer``/``transformer_lm`` are
-``post-ln`` or, with ``--*-normalize-before``, ``pre-ln``.
+``post-ln`` or, with ``--*-normalize-before``, ``pre-ln`` (``roberta``: its encoder side only).
 
 When fairseq loads a checkpoint (``checkpoint_utils.load_checkpoint_to_cpu``: resume,
 ``--restore-file``, ``--finetune-from-model``, ``fairseq-generate``/``-interactive``/``-validate``,
@@ -98,16 +98,15 @@ def record_from_model_config(model_cfg) -> Optional[Record]:
     from deepnet_fairseq.models.options import build_schemes, fill_option_defaults
 
     fill_option_defaults(args)
-    encoder_layers = args.encoder_layers if "encoder" in sides else 0
-    encoder, decoder = build_schemes(args, encoder_layers, args.decoder_layers)
-    return model_record(encoder, decoder)
+    depths = {side: getattr(args, f"{side}_layers") if side in sides else 0 for side in ("encoder", "decoder")}
+    return model_record(*build_schemes(args, depths["encoder"], depths["decoder"]))
 
 
 def model_record(encoder, decoder) -> Record:
-    """The record of a model built with these schemes (``encoder`` is ``None`` for a decoder-only model)."""
-    record = {} if encoder is None else {"encoder": encoder.record()}
-    record["decoder"] = decoder.record()
-    return record
+    """The record of a model built with these schemes: ``encoder`` is ``None`` for a decoder-only
+    model, ``decoder`` for an encoder-only one."""
+    sides = (("encoder", encoder), ("decoder", decoder))
+    return {side: scheme.record() for side, scheme in sides if scheme is not None}
 
 
 def _format(items) -> str:

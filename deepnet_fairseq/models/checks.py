@@ -4,7 +4,11 @@ from torch import nn
 
 from deepnet_fairseq.schemes import DeepNetConfigError
 
-EMBEDDINGS = {"encoder.embed_tokens.weight": "source", "decoder.embed_tokens.weight": "target"}
+EMBEDDINGS = {
+    "encoder.embed_tokens.weight": "source",
+    "decoder.embed_tokens.weight": "target",
+    "encoder.sentence_encoder.embed_tokens.weight": "source",  # deepnet_roberta
+}
 
 
 def check_vocabulary_matches(model: nn.Module, state_dict) -> None:

@@ -171,21 +171,28 @@ def validate_shapes(args, sides) -> None:
 
 def build_schemes(
     args, encoder_layers: int, decoder_layers: int
-) -> Tuple[Optional[ResidualScheme], ResidualScheme]:
-    """Residual schemes ``(encoder, decoder)`` for a model with the given true layer counts.
+) -> Tuple[Optional[ResidualScheme], Optional[ResidualScheme]]:
+    """Residual schemes ``(encoder, decoder)`` for a model with the given trained layer counts.
 
-    ``encoder_layers == 0`` means decoder-only (language model; the encoder scheme is ``None``).
-    Pre-LN-family schemes switch on fairseq's ``normalize_before`` on ``args`` (that is what defines
-    them).
+    ``encoder_layers == 0`` means decoder-only (language model), ``decoder_layers == 0`` encoder-only
+    (``deepnet_roberta``); the absent side's scheme is ``None``, and a two-valued ``--deepnorm-alpha``/
+    ``--deepnorm-beta`` is refused.  Pre-LN-family schemes switch on fairseq's ``normalize_before``
+    on ``args`` (that is what defines them).  Raises :class:`DeepNetConfigError` naming the flag.
     """
     name = resolve_scheme_name(args)
-    encoder = None
-    if encoder_layers:
-        encoder = build_scheme(name, SchemeContext("encoder", encoder_layers, decoder_layers, args))
-    decoder = build_scheme(name, SchemeContext("decoder", encoder_layers, decoder_layers, args))
-    validate_options(args, name, decoder, encoder_layers, decoder_layers)
-    if decoder.layer_norm == "pre":
-        if encoder_layers:
-            args.encoder_normalize_before = True
-        args.decoder_normalize_before = True
-    return encoder, decoder
+    sides = {side: layers for side, layers in (("encoder", encoder_layers), ("decoder", decoder_layers)) if layers}
+    if not sides:
+        raise DeepNetConfigError("--encoder-layers/--decoder-layers: a model needs layers on at least one side")
+    if len(sides) == 1 and name == "deepnorm":
+        for option in ("deepnorm_alpha", "deepnorm_beta"):
+            value = getattr(args, option, None)
+            if value is not None and "," in str(value):
+                raise DeepNetConfigError(f"{flag(option)} takes one value for a model with only an {next(iter(sides))}"
+                                         f" (ENCODER,DECODER needs both), got {value!r}")
+    schemes = {side: build_scheme(name, SchemeContext(side, encoder_layers, decoder_layers, args)) for side in sides}
+    any_scheme = next(iter(schemes.values()))
+    validate_options(args, name, any_scheme, encoder_layers, decoder_layers)
+    if any_scheme.layer_norm == "pre":
+        for side in sides:
+            setattr(args, f"{side}_normalize_before", True)
+    return schemes.get("encoder"), schemes.get("decoder")
