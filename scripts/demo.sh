@@ -77,7 +77,7 @@ DATA_KEY=$(
         sha256sum scripts/split_corpus.py scripts/spm_train.py | cut -d' ' -f1
         echo "${INPUT_ARGS[*]} $DEMO_SRC_LANG $DEMO_TGT_LANG $DEMO_PAIRS $DEMO_VALID_PAIRS $DEMO_TEST_PAIRS"
         echo "$DEMO_VOCAB $DEMO_SEED"
-        "$PY" -c 'import fairseq, sentencepiece; print(fairseq.__version__, sentencepiece.__version__)' 2>/dev/null
+        "$PY" -c 'from importlib.metadata import version as v; print(v("fairseq-fixed"), v("sentencepiece"))' 2>/dev/null
     } | sha256sum | cut -c1-16
 )
 SRC=$DEMO_SRC_LANG

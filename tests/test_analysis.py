@@ -8,6 +8,8 @@ import shutil
 import pytest
 
 from conftest import cli, run
+from deepnet_fairseq.cli.analyze import main as analyze_main
+from deepnet_fairseq.cli.sweep import main as sweep_main
 from deepnet_fairseq.cli.sweep import table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -35,20 +37,23 @@ def test_analyze_writes_csv_and_png(tiny_data, tmp_path):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
 
 
-def test_analyze_rejects_bad_arguments(tmp_path):
-    proc = run([cli("deepnet-analyze"), "fig5", "--depths", "0", "--data", tmp_path], check=False)
-    assert proc.returncode == 2 and "--depths" in proc.stderr
+def test_analyze_rejects_bad_arguments(tmp_path, capsys):
+    """deepnet-analyze's main in this process (its console script runs above)."""
+    with pytest.raises(SystemExit) as exit_:
+        analyze_main(["fig5", "--depths", "0", "--data", str(tmp_path)])
+    assert exit_.value.code == 2 and "--depths" in capsys.readouterr().err
 
 
-def test_sweep_minimal_grid_is_resumable(tiny_data, tmp_path):
+def test_sweep_minimal_grid_is_resumable(tiny_data, tmp_path, capsys):
+    """The deepnet-sweep console script, then its main again in this process: nothing is retrained."""
     data = tmp_path / "data" / "bin"
     shutil.copytree(tiny_data, data)
     (tmp_path / "data" / "text").mkdir()
     shutil.copy(tiny_data.parent / "test.tgt", tmp_path / "data" / "text" / "test.en")
     out = tmp_path / "sweep"
-    args = [cli("deepnet-sweep"), "--data", data, "--out", out, "--schemes", "post-ln", "deepnorm", "--depths", "2",
+    args = ["--data", str(data), "--out", str(out), "--schemes", "post-ln", "deepnorm", "--depths", "2",
             "--updates", "6", "--warmup", "2", "--max-tokens", "500", "--dim", "16"]
-    first = run(args)
+    first = run([cli("deepnet-sweep"), *args])
     results = _rows(out / "results.csv")
     assert [r["scheme"] for r in results] == ["post-ln", "deepnorm"]
     assert all(r["bleu"] != "" and float(r["bleu"]) >= 0 for r in results)
@@ -56,8 +61,10 @@ def test_sweep_minimal_grid_is_resumable(tiny_data, tmp_path):
     assert (out / "deepnorm_2L" / "train.log").exists()
     assert "| deepnorm |" in (out / "table.md").read_text()
     assert "post-ln" in first.stdout
-    again = run(args)  # resumable: nothing is retrained
-    assert "valid loss" not in again.stdout and "| deepnorm |" in again.stdout
+    capsys.readouterr()
+    assert sweep_main(args) == 0  # resumable: nothing is retrained
+    again = capsys.readouterr().out
+    assert "valid loss" not in again and "| deepnorm |" in again
 
 
 def test_sweep_table_marks_diverged_runs():
@@ -70,6 +77,7 @@ def test_sweep_table_marks_diverged_runs():
 
 
 @pytest.mark.parametrize("flag", [["--updates", "0"], ["--depths", "-1"]])
-def test_sweep_rejects_bad_arguments(flag):
-    proc = run([cli("deepnet-sweep"), *flag], check=False)
-    assert proc.returncode == 2 and flag[0] in proc.stderr
+def test_sweep_rejects_bad_arguments(flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        sweep_main(flag)
+    assert exit_.value.code == 2 and flag[0] in capsys.readouterr().err

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import deepnet_fairseq  # noqa: F401
-from conftest import USER_DIR, cli, logged_updates, run, train_args
+from conftest import USER_DIR, cli, fairseq_main, generate_in_process, logged_updates, run, train_args
 from deepnet_fairseq.models.options import DeepNetConfigError
 from modelkit import build, check_ln_inputs, paper_constants, pooled_std, sample_batch, xavier_std
 
@@ -148,36 +148,38 @@ def test_contradictory_flags_are_refused(tiny_data, flags, needle):
 
 
 def test_contradictory_flag_error_at_fairseq_train_startup(tiny_data, tmp_path):
-    proc = run(train_args(tiny_data, tmp_path, "--deepnorm", "--decoder-normalize-before", "--max-update", "1"),
-               check=False)
-    assert proc.returncode != 0
-    assert "--decoder-normalize-before" in proc.stderr
+    """fairseq-train's cli_main (in this process) stops before training or saving anything."""
+    with pytest.raises(DeepNetConfigError, match="--decoder-normalize-before"):
+        fairseq_main("train", train_args(tiny_data, tmp_path, "--deepnorm", "--decoder-normalize-before",
+                                         "--max-update", "1")[1:])
     assert not list(tmp_path.glob("*.pt"))
 
 
 @pytest.fixture(scope="module")
 def deep_run(tiny_data, tmp_path_factory):
+    """30 updates of a 12L-12L model (fairseq-train in this process); returns (save dir, its log)."""
     save = tmp_path_factory.mktemp("deep12")
-    proc = run(train_args(tiny_data, save, "--deepnorm", "--encoder-layers", "12", "--decoder-layers", "12",
-                          "--share-all-embeddings", "--max-update", "30", "--lr", "5e-4",
-                          "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "10", "--dropout", "0.0"))
-    return save, proc
+    args = train_args(tiny_data, save, "--deepnorm", "--encoder-layers", "12", "--decoder-layers", "12",
+                      "--share-all-embeddings", "--max-update", "30", "--lr", "5e-4",
+                      "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "10", "--dropout", "0.0")
+    _, log = fairseq_main("train", args[1:])
+    return save, log
 
 
 def test_12l_12l_trains_30_updates_with_decreasing_loss(deep_run):
-    _, proc = deep_run
-    losses = logged_updates(proc.stdout + proc.stderr)
+    _, log = deep_run
+    losses = logged_updates(log)
     assert sorted(losses) == list(range(1, 31))
     values = [losses[i] for i in range(1, 31)]
     assert all(math.isfinite(v) for v in values)
     assert sum(values[-5:]) / 5 < sum(values[:5]) / 5 - 0.3
 
 
-def test_12l_12l_generates_and_incremental_equals_full(deep_run, tiny_data):
+def test_12l_12l_generates_and_incremental_equals_full(deep_run, tiny_data, tmp_path):
     save, _ = deep_run
-    proc = run([cli("fairseq-generate"), tiny_data, "--user-dir", USER_DIR, "--path", save / "checkpoint_last.pt",
-                "--cpu", "--beam", "3", "--max-len-b", "12", "--batch-size", "16"])
-    assert sum(line.startswith("H-") for line in proc.stdout.splitlines()) >= 10
+    output = generate_in_process([tiny_data, "--user-dir", USER_DIR, "--path", save / "checkpoint_last.pt", "--cpu",
+                                  "--beam", "3", "--max-len-b", "12", "--batch-size", "16"], tmp_path / "gen")
+    assert sum(line.startswith("H-") for line in output.splitlines()) >= 10
 
     from fairseq import checkpoint_utils
 
@@ -201,8 +203,8 @@ def test_12l_12l_generates_and_incremental_equals_full(deep_run, tiny_data):
 @pytest.fixture(scope="module")
 def lm_data(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("lm")
-    run([cli("fairseq-preprocess"), "--only-source", "--trainpref", tiny_data.parent / "train.src",
-         "--validpref", tiny_data.parent / "valid.src", "--destdir", root, "--workers", "1"])
+    fairseq_main("preprocess", ["--only-source", "--trainpref", tiny_data.parent / "train.src",
+                                "--validpref", tiny_data.parent / "valid.src", "--destdir", root, "--workers", "1"])
     return root
 
 
@@ -222,15 +224,18 @@ def test_deepnet_lm_uses_decoder_only_constants(lm_data):
 
 
 def test_deepnet_lm_trains(lm_data, tmp_path):
-    proc = run([cli("fairseq-train"), lm_data, "--user-dir", USER_DIR, "--task", "language_modeling",
-                "--arch", "deepnet_lm", "--deepnorm", "--decoder-layers", "4", "--decoder-embed-dim", "32",
-                "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "2", "--tokens-per-sample", "32",
-                "--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "512", "--max-update", "10", "--cpu",
-                "--no-progress-bar", "--log-format", "json", "--log-interval", "1", "--save-dir", tmp_path,
-                "--num-workers", "0"])
-    losses = logged_updates(proc.stdout + proc.stderr)
+    """fairseq-train (in this process) on the language-modeling task."""
+    _, log = fairseq_main("train", [lm_data, "--user-dir", USER_DIR, "--task", "language_modeling",
+                                    "--arch", "deepnet_lm", "--deepnorm", "--decoder-layers", "4",
+                                    "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
+                                    "--decoder-attention-heads", "2", "--tokens-per-sample", "32",
+                                    "--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "512", "--max-update", "10",
+                                    "--cpu",
+                                    "--no-progress-bar", "--log-format", "json", "--log-interval", "1",
+                                    "--save-dir", tmp_path, "--num-workers", "0"])
+    losses = logged_updates(log)
     assert len(losses) == 10 and all(math.isfinite(v) for v in losses.values())
-    assert "deepnorm(alpha=" in proc.stdout + proc.stderr
+    assert "deepnorm(alpha=" in log
 
 
 def test_hydra_config_in_configs_trains(tiny_data, tmp_path):

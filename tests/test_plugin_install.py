@@ -10,8 +10,15 @@ import pytest
 import torch
 
 import deepnet_fairseq  # noqa: F401  (installs the allow-list)
-from conftest import USER_DIR, cli, logged_updates, run, train_args
-from deepnet_fairseq.checkpoints import CHECKPOINT_GLOBALS, average_checkpoints, checkpoint_globals, load_checkpoint
+from conftest import USER_DIR, cli, fairseq_main, generate_in_process, logged_updates, run, train_args
+from deepnet_fairseq.checkpoints import (
+    CHECKPOINT_GLOBALS,
+    CheckpointLoadError,
+    average_checkpoints,
+    checkpoint_globals,
+    load_checkpoint,
+)
+from deepnet_fairseq.cli.average_checkpoints import main as average_main
 
 # module-scoped training fixtures: keep this file on one xdist worker
 pytestmark = pytest.mark.xdist_group("test_plugin_install")
@@ -29,32 +36,36 @@ def _allowed_names() -> set:
 
 @pytest.fixture(scope="module")
 def resumed_and_straight(tiny_data, tmp_path_factory):
-    """12 updates in one run vs 6 + resume for 6 more (same seed, dropout on)."""
+    """12 updates in one run vs 6 + resume for 6 more (same seed, dropout on).
+
+    The straight run is the real ``fairseq-train --user-dir`` console script; the resumed pair runs the
+    same ``cli_main`` in this process. Returns (root, straight output, first log, second log).
+    """
     root = tmp_path_factory.mktemp("resume")
     extra = ("--dropout", "0.1", "--deepnorm", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4")
     straight = run(train_args(tiny_data, root / "straight", "--max-update", "12", *extra))
-    first = run(train_args(tiny_data, root / "resumed", "--max-update", "6", *extra))
-    second = run(train_args(tiny_data, root / "resumed", "--max-update", "12", *extra))
-    return root, straight, first, second
+    _, first = fairseq_main("train", train_args(tiny_data, root / "resumed", "--max-update", "6", *extra)[1:])
+    _, second = fairseq_main("train", train_args(tiny_data, root / "resumed", "--max-update", "12", *extra)[1:])
+    return root, straight.stdout + straight.stderr, first, second
 
 
 def test_user_dir_registers_models_in_real_fairseq_train(resumed_and_straight):
     _, straight, _, _ = resumed_and_straight
-    assert "DeepNetTransformerModel" in straight.stdout + straight.stderr
-    assert "deepnorm(alpha=" in straight.stdout + straight.stderr
+    assert "DeepNetTransformerModel" in straight
+    assert "deepnorm(alpha=" in straight
 
 
 def test_resume_equals_uninterrupted_run(resumed_and_straight):
     root, straight, first, second = resumed_and_straight
-    assert "Loaded checkpoint" in second.stdout + second.stderr
+    assert "Loaded checkpoint" in second
     a = load_checkpoint(root / "straight" / "checkpoint_last.pt")
     b = load_checkpoint(root / "resumed" / "checkpoint_last.pt")
     assert a["optimizer_history"][-1]["num_updates"] == b["optimizer_history"][-1]["num_updates"] == 12
     assert a["model"].keys() == b["model"].keys()
     worst = max((a["model"][k].float() - b["model"][k].float()).abs().max().item() for k in a["model"])
     assert worst <= 1e-6, worst
-    straight_losses = logged_updates(straight.stdout + straight.stderr)
-    resumed_losses = {**logged_updates(first.stdout + first.stderr), **logged_updates(second.stdout + second.stderr)}
+    straight_losses = logged_updates(straight)
+    resumed_losses = {**logged_updates(first), **logged_updates(second)}
     assert sorted(straight_losses) == list(range(1, 13))
     assert straight_losses == resumed_losses
 
@@ -87,11 +98,12 @@ def test_interactive_and_hub_loading(resumed_and_straight, tiny_data):
 
 
 def test_real_checkpoints_need_only_allowlisted_globals(tiny_data, tmp_path):
-    """EMA, --keep-best-checkpoints, --eval-bleu meters, and fairseq-hydra-train checkpoints."""
-    run(train_args(tiny_data, tmp_path / "ema", "--max-update", "8", "--ema-decay", "0.9", "--store-ema",
-                   "--keep-best-checkpoints", "1", "--save-interval-updates", "4",
-                   "--eval-bleu", "--eval-bleu-args", '{"beam": 1, "max_len_b": 8}',
-                   "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric"))
+    """EMA, --keep-best-checkpoints, --eval-bleu meters (fairseq-train in this process), and
+    fairseq-hydra-train checkpoints (its console script)."""
+    fairseq_main("train", train_args(tiny_data, tmp_path / "ema", "--max-update", "8", "--ema-decay", "0.9",
+                                     "--store-ema", "--keep-best-checkpoints", "1", "--save-interval-updates", "4",
+                                     "--eval-bleu", "--eval-bleu-args", '{"beam": 1, "max_len_b": 8}',
+                                     "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric")[1:])
     config = tmp_path / "conf" / "tiny.yaml"
     config.parent.mkdir()
     config.write_text(
@@ -145,12 +157,13 @@ def test_malicious_checkpoint_is_refused_and_payload_never_runs(tmp_path):
 
 
 def test_malicious_checkpoint_refused_by_fairseq_generate(tmp_path, tiny_data):
+    """fairseq-generate's cli_main (in this process) refuses the file before anything in it runs."""
     marker = tmp_path / "payload_ran"
     bad = tmp_path / "checkpoint_best.pt"
     torch.save({"model": {}, "args": _Payload(marker), "cfg": None}, bad)
-    proc = run([cli("fairseq-generate"), tiny_data, "--user-dir", USER_DIR, "--path", bad, "--cpu"], check=False)
-    assert proc.returncode != 0
-    assert "Weights only load failed" in proc.stderr or "Unsupported global" in proc.stderr
+    with pytest.raises(CheckpointLoadError) as refused:
+        fairseq_main("generate", [tiny_data, "--user-dir", USER_DIR, "--path", bad, "--cpu"])
+    assert "Weights only load failed" in str(refused.value) or "Unsupported global" in str(refused.value)
     assert not marker.exists()
 
 
@@ -176,11 +189,12 @@ def test_average_two_checkpoints_is_elementwise_mean(resumed_and_straight, tmp_p
 
 def test_averaged_checkpoint_generates(resumed_and_straight, tiny_data, tmp_path):
     root, *_ = resumed_and_straight
+    """deepnet-average-checkpoints and fairseq-generate in this process (their console scripts run above)."""
     out = tmp_path / "avg.pt"
-    run([cli("deepnet-average-checkpoints"), "--inputs", root / "straight", "--num-update-checkpoints", "1",
-         "--output", out], check=False)
-    run([cli("deepnet-average-checkpoints"), "--inputs", root / "straight" / "checkpoint_best.pt",
-         root / "straight" / "checkpoint_last.pt", "--output", out])
-    proc = run([cli("fairseq-generate"), tiny_data, "--user-dir", USER_DIR, "--path", out, "--cpu",
-                "--beam", "2", "--max-len-b", "12", "--batch-size", "16"])
-    assert any(line.startswith("H-") for line in proc.stdout.splitlines())
+    with pytest.raises(SystemExit, match="wanted 1 update checkpoints, found 0"):  # the run saved none
+        average_main(["--inputs", str(root / "straight"), "--num-update-checkpoints", "1", "--output", str(out)])
+    assert average_main(["--inputs", str(root / "straight" / "checkpoint_best.pt"),
+                         str(root / "straight" / "checkpoint_last.pt"), "--output", str(out)]) == 0
+    output = generate_in_process([tiny_data, "--user-dir", USER_DIR, "--path", out, "--cpu", "--beam", "2",
+                                  "--max-len-b", "12", "--batch-size", "16"], tmp_path / "gen")
+    assert any(line.startswith("H-") for line in output.splitlines())

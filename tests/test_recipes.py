@@ -35,7 +35,7 @@ def sh(script: str, *args, checksums: Path | None = None, check: bool = True, en
         env["DEEPNET_RECIPE_CHECKSUMS"] = str(checksums)
     env.update(env_extra or {})
     proc = subprocess.run(["bash", str(SCRIPTS / script), *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import random
@@ -11,7 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import deepnet_fairseq  # noqa: F401
-from conftest import USER_DIR, cli, run, train_args
-from deepnet_fairseq.checkpoints import load_checkpoint
+from conftest import USER_DIR, fairseq_main, run, train_args
+from deepnet_fairseq.checkpoints import CheckpointLoadError, load_checkpoint
 from deepnet_fairseq.divergence import DIVERGED_EXIT_CODE, DivergenceGuard
 from deepnet_fairseq.schemes import SCHEME_NAMES, DeepNetConfigError
 from modelkit import build, sample_batch
@@ -67,11 +68,19 @@ def inject_nan_after(monkeypatch, training_forwards: int):
     monkeypatch.setattr(DeepNetTransformerModel, "build_model", classmethod(build_model))
 
 
+@pytest.fixture(scope="module")
+def four_updates_once(tiny_data, tmp_path_factory):
+    """One run of 4 good updates per module (trained in this process)."""
+    save = tmp_path_factory.mktemp("four_updates") / "run"
+    fairseq_main("train", train_args(tiny_data, save, "--deepnorm", "--max-update", "4")[1:])
+    return save
+
+
 @pytest.fixture
-def four_updates(tiny_data, tmp_path):
-    """A run that trained 4 good updates; returns its save dir and checkpoint_last hash."""
+def four_updates(four_updates_once, tmp_path):
+    """A fresh copy of a run that trained 4 good updates; returns its save dir and checkpoint_last hash."""
     save = tmp_path / "run"
-    run(train_args(tiny_data, save, "--deepnorm", "--max-update", "4"))
+    shutil.copytree(four_updates_once, save)
     return save, sha256(save / "checkpoint_last.pt")
 
 
@@ -139,71 +148,233 @@ def test_patience_counts_consecutive_skipped_or_nonfinite_updates(tmp_path):
     assert exit_.value.code == DIVERGED_EXIT_CODE
 
 
+BLOCK = 256 << 10
+
+
+def _announce(fd: int, message: str) -> None:
+    os.write(fd, (message + "\n").encode())
+
+
+def _copy_in_blocks_pausing_at(pause_at: int, fd: int):
+    """A ``shutil.copyfileobj`` writing ``BLOCK`` bytes at a time that, before block ``pause_at``, says
+    ``paused`` on ``fd`` and waits for SIGKILL."""
+
+    def copyfileobj(inp, out, length=0):
+        written = 0
+        while True:
+            if written == pause_at:
+                _announce(fd, "paused")
+                signal.pause()
+            block = inp.read(BLOCK)
+            if not block:
+                return
+            out.write(block)
+            written += 1
+
+    return copyfileobj
+
+
+def _forked(child) -> tuple:
+    """Fork; the child runs ``child(fd)`` (``fd``: the write end of a pipe) and exits.
+
+    Returns (pid, the read end as a text file). The children only copy files, so forking this process
+    spares each one a fresh interpreter importing torch and fairseq.
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_fd)
+            child(write_fd)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    return pid, os.fdopen(read_fd)
+
+
+def _read_then_sigkill(pid: int, messages, count: int) -> list:
+    """Read ``count`` lines from a forked child, then SIGKILL it (also if reading fails) and reap it."""
+    try:
+        return [messages.readline() for _ in range(count)]
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        messages.close()
+
+
+def _temporaries(directory: Path) -> set:
+    return {p.name for p in directory.iterdir() if p.name.endswith(".tmp")}
+
+
 def test_atomic_copy_survives_sigkill_at_random_moments(tmp_path):
-    old, new = os.urandom(4 << 20), os.urandom(4 << 20)
+    """SIGKILL an ``atomic_copy`` child relative to its own signals, never after a guessed sleep.
+
+    Paused kills: the child stops before block k of 16 (k = 0: empty temporary file; k = 16: every byte
+    written, not yet flushed or renamed) and says so; each such kill lands mid-copy by construction.
+    Running kills: the child copies b, a, b, ... over dst with the unmodified atomic_copy, reporting each
+    finished copy; after a random number of reports it is killed wherever it is (mid-copy when a
+    temporary file is left behind).
+    Either way dst must be the complete old or the complete new file, never a mix or a prefix.
+    """
+    from deepnet_fairseq.checkpoints import atomic_copy
+
+    old, new = os.urandom(16 * BLOCK), os.urandom(16 * BLOCK)
     (tmp_path / "a").write_bytes(old)
     (tmp_path / "b").write_bytes(new)
     dst = tmp_path / "checkpoint_last.pt"
     dst.write_bytes(old)
-    script = (
-        "import sys; from deepnet_fairseq.checkpoints import atomic_copy\n"
-        "while True:\n"
-        f"    atomic_copy({str(tmp_path / 'b')!r}, {str(dst)!r}); atomic_copy({str(tmp_path / 'a')!r}, {str(dst)!r})\n"
-    )
     rng = random.Random(0)
-    for _ in range(8):
-        child = subprocess.Popen([sys.executable, "-c", script], cwd=Path(USER_DIR).parent)
-        time.sleep(1.0 + rng.random() * 0.5)  # import time ~1s, then copies every few ms
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+    kills = mid_copy = 0
+
+    for pause_at in [0, 16, *rng.sample(range(1, 16), 3)]:
+        def child(fd, pause_at=pause_at):
+            shutil.copyfileobj = _copy_in_blocks_pausing_at(pause_at, fd)
+            atomic_copy(tmp_path / "b", dst)
+
+        before = _temporaries(tmp_path)
+        assert _read_then_sigkill(*_forked(child), 1) == ["paused\n"]
+        kills += 1
+        assert dst.read_bytes() == old, pause_at  # killed before the rename: the old file, whole
+        assert len(_temporaries(tmp_path) - before) == 1, pause_at  # the interrupted copy's temporary file
+        mid_copy += 1
+
+    for _ in range(4):
+        def child(fd):
+            while True:
+                for source in ("b", "a"):
+                    atomic_copy(tmp_path / source, dst)
+                    _announce(fd, source)
+
+        before = _temporaries(tmp_path)
+        reports = _read_then_sigkill(*_forked(child), rng.randint(1, 6))
+        assert set(reports) <= {"a\n", "b\n"}, reports
+        kills += 1
         assert dst.read_bytes() in (old, new)
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    assert len(leftovers) <= 8  # a killed copy may leave its temporary file, never a partial dst
+        mid_copy += bool(_temporaries(tmp_path) - before)
+
+    print(f"\nkills: {kills}, landed mid-copy: {mid_copy}")
+    assert mid_copy >= 5
+    assert len(_temporaries(tmp_path)) <= kills  # a killed copy may leave its temporary file, never a partial dst
+
+
+# fairseq-train in a child that reports each PathManager.copy (fairseq's copy of checkpoint_N_U.pt to
+# checkpoint_last.pt, made crash-safe by the plugin) on stdout as "@@ copy-begin <n>", n counting the
+# copies to checkpoint_last.pt; with argv[1] = "pause", before block argv[3] of copy argv[2] it reports
+# "@@ paused" and waits for SIGKILL. argv[4:] is the fairseq-train command line.
+TRAIN_CHILD = r"""
+import os, signal, shutil, sys
+import deepnet_fairseq  # installs the crash-safe PathManager.copy
+from fairseq.file_io import PathManager
+from fairseq_cli import train
+
+mode, pause_copy, pause_block = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+safe_copy, state = PathManager.copy, {"copies": 0, "last": False}
+
+def say(message):
+    print("@@ " + message, flush=True)
+
+def copy(src, dst, overwrite=False):
+    state["last"] = dst.endswith("checkpoint_last.pt")
+    state["copies"] += state["last"]
+    if state["last"]:
+        say(f"copy-begin {state['copies']}")
+    return safe_copy(src, dst, overwrite=overwrite)
+
+def copyfileobj(inp, out, length=0):
+    block, written = max(os.fstat(inp.fileno()).st_size // 8, 1), 0
+    while True:
+        if mode == "pause" and state["last"] and state["copies"] == pause_copy and written == pause_block:
+            say("paused")
+            signal.pause()
+        data = inp.read(block)
+        if not data:
+            return
+        out.write(data)
+        written += 1
+
+copy._deepnet_safe = True
+PathManager.copy = staticmethod(copy)
+shutil.copyfileobj = copyfileobj
+sys.argv = ["fairseq-train", *sys.argv[4:]]
+train.cli_main()
+"""
+
+
+def _train_until(args, mode: str, copy_index: int, block: int, trigger: str) -> str:
+    """Start TRAIN_CHILD, read its output up to the line starting with ``trigger``, SIGKILL it there.
+
+    Returns the output read. Fails (instead of waiting forever) if the child exits without the trigger.
+    """
+    proc = subprocess.Popen([sys.executable, "-c", TRAIN_CHILD, mode, str(copy_index), str(block), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    seen, triggered = [], False
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith(trigger):
+                triggered = True
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    output = "".join(seen)
+    assert triggered, f"the child exited ({proc.returncode}) before {trigger!r}:\n{output[-3000:]}"
+    return output
 
 
 def test_sigkill_during_training_never_leaves_unloadable_checkpoint(tiny_data, tmp_path):
+    """SIGKILL fairseq-train relative to its own "copying checkpoint_last.pt" signal, then resume.
+
+    1. a fresh run paused inside its copy number k to checkpoint_last.pt (mid-copy by construction):
+       checkpoint_last.pt must be the whole previous one (update k - 1) and the copy's temporary file
+       must be there;
+    2. that run resumed (it must load checkpoint_last.pt) and killed as soon as it reports starting a
+       copy: checkpoint_last.pt must load, at the update before or of that copy;
+    3. a last resume (in this process) trains 2 more updates from whatever was left.
+    """
     rng = random.Random(1)
-    kills = resumes = 0
-    for trial in range(3):
-        save = tmp_path / f"kill{trial}"
-        args = train_args(tiny_data, save, "--deepnorm", "--max-update", "500", "--save-interval-updates", "1",
-                          "--disable-validation")
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env=dict(os.environ, OMP_NUM_THREADS="1"))
-        deadline = time.time() + 120
-        while not (save / "checkpoint_last.pt").exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        time.sleep(rng.random() * 2.0)  # then a random moment: training or (every update) saving
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        kills += 1
-        last = save / "checkpoint_last.pt"
-        if not last.exists():
-            continue
-        state = load_checkpoint(last)  # never truncated
-        done = state["optimizer_history"][-1]["num_updates"]
-        resumed = run(train_args(tiny_data, save, "--deepnorm", "--max-update", str(done + 2), "--disable-validation"))
-        assert f"Loaded checkpoint {last}" in resumed.stdout + resumed.stderr
-        assert load_checkpoint(last)["optimizer_history"][-1]["num_updates"] == done + 2
-        resumes += 1
-    print(f"\nkills tried: {kills}, resumes succeeded: {resumes}")
-    assert resumes >= 1
+    save = tmp_path / "kill"
+    last = save / "checkpoint_last.pt"
+    args = train_args(tiny_data, save, "--deepnorm", "--max-update", "8", "--save-interval-updates", "1",
+                      "--disable-validation")[1:]
+
+    copy_index, block = rng.randint(2, 4), rng.randint(0, 8)
+    _train_until(args, "pause", copy_index, block, "@@ paused")
+    assert load_checkpoint(last)["optimizer_history"][-1]["num_updates"] == copy_index - 1
+    assert [p.name for p in save.glob("checkpoint_last.pt.*.tmp")], "the kill did not land mid-copy"
+
+    again = rng.randint(1, 3)
+    output = _train_until(args, "free", 0, 0, f"@@ copy-begin {again}")
+    assert f"Loaded checkpoint {last}" in output
+    done = load_checkpoint(last)["optimizer_history"][-1]["num_updates"]  # never truncated
+    assert done in (copy_index - 1 + again - 1, copy_index - 1 + again), done
+
+    resume = train_args(tiny_data, save, "--deepnorm", "--max-update", str(done + 2), "--disable-validation")[1:]
+    _, log = fairseq_main("train", resume)
+    assert f"Loaded checkpoint {last}" in log
+    assert load_checkpoint(last)["optimizer_history"][-1]["num_updates"] == done + 2
 
 
 def test_corrupt_checkpoint_is_refused_naming_the_file(four_updates, tiny_data, tmp_path):
+    """fairseq-generate and a fairseq-train resume (both in this process) refuse a truncated checkpoint."""
     save, _ = four_updates
     bad = tmp_path / "truncated.pt"
     data = (save / "checkpoint_last.pt").read_bytes()
     bad.write_bytes(data[: len(data) // 2])
-    gen = run([cli("fairseq-generate"), tiny_data, "--user-dir", USER_DIR, "--path", bad, "--cpu"], check=False)
-    assert gen.returncode != 0
-    assert f"checkpoint {bad} cannot be read" in gen.stderr and "truncated or corrupt" in gen.stderr
+    with pytest.raises(CheckpointLoadError) as refused:
+        fairseq_main("generate", [tiny_data, "--user-dir", USER_DIR, "--path", bad, "--cpu"])
+    assert f"checkpoint {bad} cannot be read" in str(refused.value) and "truncated or corrupt" in str(refused.value)
     resume_dir = tmp_path / "resume"
     resume_dir.mkdir()
     shutil.copy(bad, resume_dir / "checkpoint_last.pt")
-    proc = run(train_args(tiny_data, resume_dir, "--deepnorm", "--max-update", "6"), check=False)
-    assert proc.returncode != 0
-    assert f"checkpoint {resume_dir / 'checkpoint_last.pt'} cannot be read" in proc.stderr
+    with pytest.raises(CheckpointLoadError, match=f"checkpoint {resume_dir / 'checkpoint_last.pt'} cannot be read"):
+        fairseq_main("train", train_args(tiny_data, resume_dir, "--deepnorm", "--max-update", "6")[1:])
 
 
 def _free_port() -> int:
@@ -212,20 +383,67 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _two_process_run(tiny_data, save, max_update):
-    port = _free_port()
-    procs = []
-    for rank in (0, 1):
-        args = train_args(tiny_data, save, "--deepnorm", "--max-update", str(max_update), "--dropout", "0",
-                          "--distributed-world-size", "2", "--distributed-rank", str(rank),
-                          "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-no-spawn",
-                          "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp", "--device-id", "0")
-        procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env=dict(os.environ, OMP_NUM_THREADS="1")))
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    return outputs
+# Runs fairseq-train's cli_main as two gloo ranks per run, for each run of argv[1] (JSON: a list of runs,
+# each a list of [argv, log file] per rank), one run after the other. fairseq and the plugin are imported
+# once, before any torch computation or thread exists; each rank is a fork of this process with its output
+# in its log file. A rank that fails takes the other one down at once (it would wait for it in gloo).
+GLOO_LAUNCHER = r"""
+import json, os, signal, sys, traceback
+import deepnet_fairseq
+from fairseq_cli import train
+
+for ranks in json.loads(sys.argv[1]):
+    pids = []
+    for argv, log in ranks:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                sys.argv = ["fairseq-train", *argv]
+                train.cli_main()
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        pids.append(pid)
+    codes = {}
+    while len(codes) < len(pids):
+        pid, status = os.wait()
+        codes[pid] = os.waitstatus_to_exitcode(status)
+        if codes[pid] != 0:
+            for other in set(pids) - set(codes):
+                os.kill(other, signal.SIGKILL)
+    if any(codes.values()):
+        sys.exit(f"ranks exited with {[codes[pid] for pid in pids]}: see {[log for _, log in ranks]}")
+"""
+
+
+def _two_process_runs(tiny_data, runs) -> list:
+    """Each (save dir, max update) of ``runs`` trained by two gloo fairseq-train processes, in order.
+
+    Returns the log text of each run's rank 0.
+    """
+    plan = []
+    for index, (save, max_update) in enumerate(runs):
+        port = _free_port()
+        ranks = []
+        for rank in (0, 1):
+            args = train_args(tiny_data, save, "--deepnorm", "--max-update", str(max_update), "--dropout", "0",
+                              "--distributed-world-size", "2", "--distributed-rank", str(rank),
+                              "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-no-spawn",
+                              "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp", "--device-id", "0")
+            ranks.append([args[1:], str(save.parent / f"run{index}-rank{rank}.log")])
+        plan.append(ranks)
+    proc = run([sys.executable, "-c", GLOO_LAUNCHER, json.dumps(plan, default=str)], check=False)
+    logs = [[Path(log).read_text() if Path(log).exists() else "" for _, log in ranks] for ranks in plan]
+    assert proc.returncode == 0, f"{proc.stderr[-2000:]}\n" + "\n".join(text[-3000:] for run_ in logs for text in run_)
+    return [rank_logs[0] for rank_logs in logs]
 
 
 def _max_param_diff(a: Path, b: Path) -> float:
@@ -235,20 +453,19 @@ def _max_param_diff(a: Path, b: Path) -> float:
 
 
 def test_two_gloo_processes_equal_one_process_with_update_freq_2_and_resume(tiny_data, tmp_path):
-    single = tmp_path / "single"
-    run(train_args(tiny_data, single, "--deepnorm", "--max-update", "4", "--dropout", "0", "--update-freq", "2"))
-    dist = tmp_path / "dist"
-    _two_process_run(tiny_data, dist, 4)
+    single = tmp_path / "single"  # in this process; the ranks are real fairseq-train processes
+    fairseq_main("train", train_args(tiny_data, single, "--deepnorm", "--max-update", "4", "--dropout", "0",
+                                     "--update-freq", "2")[1:])
+    dist, resumed = tmp_path / "dist", tmp_path / "dist_resumed"
+    *_, resumed_log = _two_process_runs(tiny_data, [(dist, 4), (resumed, 2), (resumed, 4)])
     diff = _max_param_diff(single / "checkpoint_last.pt", dist / "checkpoint_last.pt")
     assert diff < 1e-5, diff
-    resumed = tmp_path / "dist_resumed"
-    _two_process_run(tiny_data, resumed, 2)
-    (out0, err0), _ = _two_process_run(tiny_data, resumed, 4)
-    assert "Loaded checkpoint" in out0 + err0
+    assert "Loaded checkpoint" in resumed_log
     assert _max_param_diff(dist / "checkpoint_last.pt", resumed / "checkpoint_last.pt") < 1e-5
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(
     layers=st.integers(min_value=-1, max_value=3),
     width=st.sampled_from([0, 6, 8, 12, 16]),
@@ -278,10 +495,10 @@ def test_generation_with_another_dictionary_is_refused_naming_the_cause(four_upd
         for lang in ("src", "tgt"):
             text = (tiny_data.parent / f"{split}.{lang}").read_text()
             (tmp_path / f"{split}.{lang}").write_text(text + "".join(f"x{i} y{i} z{i}\n" for i in range(30)))
-    run([cli("fairseq-preprocess"), "--source-lang", "src", "--target-lang", "tgt", "--trainpref", tmp_path / "train",
-         "--validpref", tmp_path / "valid", "--testpref", tmp_path / "test", "--destdir", tmp_path / "bin",
-         "--joined-dictionary", "--workers", "1"])
-    proc = run([cli("fairseq-generate"), tmp_path / "bin", "--user-dir", USER_DIR, "--path",
-                save / "checkpoint_last.pt", "--cpu"], check=False)
-    assert proc.returncode != 0
-    assert "the checkpoint's source dictionary has" in proc.stderr and "dict.*.txt" in proc.stderr
+    fairseq_main("preprocess", ["--source-lang", "src", "--target-lang", "tgt", "--trainpref", tmp_path / "train",
+                                "--validpref", tmp_path / "valid", "--testpref", tmp_path / "test",
+                                "--destdir", tmp_path / "bin", "--joined-dictionary", "--workers", "1"])
+    with pytest.raises(DeepNetConfigError) as refused:
+        fairseq_main("generate", [tmp_path / "bin", "--user-dir", USER_DIR, "--path", save / "checkpoint_last.pt",
+                                  "--cpu"])
+    assert "the checkpoint's source dictionary has" in str(refused.value) and "dict.*.txt" in str(refused.value)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import USER_DIR, cli, logged_updates, run, train_args
+from conftest import USER_DIR, fairseq_main, generate_in_process, logged_updates, train_args
 from deepnet_fairseq.schemes import SCHEME_NAMES, DeepNetConfigError
 from modelkit import build, check_ln_inputs, pooled_std, sample_batch
 
@@ -333,16 +333,17 @@ def test_unknown_scheme_is_refused_by_the_parser(tiny_data, capsys):
 
 @pytest.mark.parametrize("name", SCHEME_NAMES)
 def test_scheme_trains_saves_reloads_and_generates(tiny_data, tmp_path, name):
+    """fairseq-train and fairseq-generate in this process (their CLIs run as subprocesses elsewhere)."""
     args = train_args(tiny_data, tmp_path, "--residual-scheme", name, "--max-update", "20", "--lr", "5e-4",
                       "--share-all-embeddings", "--dropout", "0.1", "--disable-validation", "--no-epoch-checkpoints")
     args[args.index("--encoder-layers") + 1] = "6"  # 6L-6L
     args[args.index("--decoder-layers") + 1] = "6"
-    proc = run(args)
-    losses = logged_updates(proc.stdout + proc.stderr)
+    _, log = fairseq_main("train", args[1:])
+    losses = logged_updates(log)
     assert sorted(losses) == list(range(1, 21)), name
     assert all(math.isfinite(v) for v in losses.values()), losses
     print(f"\n{name}: loss after 20 updates = {losses[20]:.3f}")
-    gen = run([cli("fairseq-generate"), tiny_data, "--user-dir", USER_DIR, "--path", tmp_path / "checkpoint_last.pt",
-               "--cpu", "--beam", "2", "--max-len-b", "12", "--batch-size", "16"])
-    assert sum(line.startswith("H-") for line in gen.stdout.splitlines()) >= 10
-    assert f"{name}" in (proc.stdout + proc.stderr)
+    gen = generate_in_process([tiny_data, "--user-dir", USER_DIR, "--path", tmp_path / "checkpoint_last.pt", "--cpu",
+                               "--beam", "2", "--max-len-b", "12", "--batch-size", "16"], tmp_path / "gen")
+    assert sum(line.startswith("H-") for line in gen.splitlines()) >= 10
+    assert f"{name}" in log
