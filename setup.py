@@ -29,6 +29,7 @@ setup(
             "deepnet-coefficients=deepnet_fairseq.cli.coefficients:main",
             "deepnet-analyze=deepnet_fairseq.cli.analyze:main",
             "deepnet-sweep=deepnet_fairseq.cli.sweep:main",
+            "deepnet-export=deepnet_fairseq.cli.export:main",
         ],
     },
 )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
@@ -30,7 +31,7 @@ if __package__ in (None, ""):
 
 from benchmarks import common
 
-BENCHMARKS = ("overhead", "depth", "paper")
+BENCHMARKS = ("overhead", "depth", "paper", "serve")
 BASE = (512, 2048, 8)
 TINY = (64, 128, 2)
 
@@ -220,7 +221,30 @@ def summarize(results: Dict[str, Any], meta: Dict[str, Any]) -> str:
                 f"{c['params'] / 1e9:.3f}B ({m['paper_note']})."
             )
         lines.append("")
+    if "serve" in results:
+        from benchmarks import serve
+
+        lines += serve.summary_lines(results["serve"])
     return "\n".join(lines) + "\n"
+
+
+def run_serve(smoke: bool) -> Dict[str, Any] | None:
+    """Translation speed: fairseq-generate vs CTranslate2 float32/int8 (``benchmarks/serve.py``).
+
+    Full mode uses the demo's DeepNorm model (``make demo`` first; skipped with a note otherwise), its
+    CTranslate2 models under ``runs/serve_bench``; smoke mode a toy model in a temporary directory.
+    """
+    from benchmarks import serve
+
+    if smoke:
+        with tempfile.TemporaryDirectory(prefix="serve_smoke_") as work:
+            return serve.benchmark(work=Path(work), repeats=1, **serve.smoke_inputs(Path(work) / "smoke"))
+    try:
+        inputs = serve.demo_inputs()
+    except SystemExit as missing:
+        common.log(f"serve benchmark skipped: {missing}")
+        return None
+    return serve.benchmark(work=common.REPO / "runs" / "serve_bench", repeats=3, **inputs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -250,6 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot.plot_depth(results["depth"], a.out / "depth_scaling.png")
     if "paper" in a.only:
         results["paper"] = paper_scale.benchmark(**paper_config(a.smoke))
+    if "serve" in a.only:
+        serve_result = run_serve(a.smoke)
+        if serve_result is not None:
+            results["serve"] = serve_result
     meta = {
         "command": command,
         "smoke": a.smoke,
@@ -257,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "wall_s": time.perf_counter() - started,
     }
-    names = {"overhead": "overhead.json", "depth": "depth.json", "paper": "paper_scale.json"}
+    names = {"overhead": "overhead.json", "depth": "depth.json", "paper": "paper_scale.json", "serve": "serve.json"}
     for key, data in results.items():
         common.write_json(a.out / names[key], {"meta": meta, **data})
     common.write_json(a.out / "run.json", {**meta, "benchmarks": sorted(results)})

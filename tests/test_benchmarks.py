@@ -40,7 +40,8 @@ def test_smoke_run_writes_results(tmp_path: Path, capsys) -> None:
     assert load_run_script().main(["--smoke", "--out", str(out)]) == 0
     assert "# deepnet-fairseq benchmark summary" in capsys.readouterr().out
 
-    expected = {"overhead.json", "depth.json", "paper_scale.json", "run.json", "summary.md", "depth_scaling.png"}
+    expected = {"overhead.json", "depth.json", "paper_scale.json", "serve.json", "run.json", "summary.md",
+                "depth_scaling.png"}
     assert expected <= {p.name for p in out.iterdir()}
     data = {name: json.loads((out / name).read_text()) for name in expected if name.endswith(".json")}
     for name, content in data.items():
@@ -80,8 +81,15 @@ def test_smoke_run_writes_results(tmp_path: Path, capsys) -> None:
             memory = variant["memory"]
             assert memory["states_fsdp8_gib"] * 8 == memory["states_unsharded_gib"]
 
+    serve = data["serve.json"]
+    assert [run["beam"] for run in serve["runs"]] == [1, 5]
+    for run in serve["runs"]:
+        assert set(run["engines"]) == {"fairseq", "ctranslate2_float32", "ctranslate2_int8"}
+        for engine in run["engines"].values():
+            assert engine["sentences_per_s"] > 0 and 0 <= engine.get("identical_to_fairseq", 1.0) <= 1
+
     summary = (out / "summary.md").read_text()
-    for heading in ("## 1. Overhead", "## 2. Depth scaling", "## 3. Paper-scale"):
+    for heading in ("## 1. Overhead", "## 2. Depth scaling", "## 3. Paper-scale", "## Serving"):
         assert heading in summary
 
 
