@@ -14,8 +14,8 @@ come from ``run.json`` (written by the recipes' train.sh), else from a directory
 * ``running``/``failed``/``no eval`` when training has not finished, crashed, or was not evaluated.
 
 Logs may be fairseq's json format (``"loss": "4.2"``) or its simple format (``loss=4.2``).  With
-``--recipe wmt17`` every cell is printed next to the paper's Table 1 value (from
-docs/deepnet-paper-and-torchscale.md section 3.1; ``*`` marks numbers not confirmed from the paper).
+``--recipe wmt17`` every cell is printed next to the paper's Table 1 value; with ``--recipe opus100`` the
+paper's Table 2 follows our runs (both from ``deepnet_recipes/paper.py``, checked against the paper).
 """
 
 from __future__ import annotations
@@ -31,24 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-# Table 1 (WMT-17 En-De test BLEU). Only DeepNet 100L-100L = 28.9 is confirmed by the paper's text; the
-# other cells come from one secondary transcription (the paper shows the table as an image).
-PAPER_TABLE1: Dict[str, Dict[int, Tuple[str, bool]]] = {
-    "post-ln": {6: ("28.1", False), 18: ("28.8", False), 50: ("diverged", False), 100: ("diverged", False)},
-    "ds-init": {6: ("27.9", False), 18: ("28.4", False), 50: ("diverged", False), 100: ("diverged", False)},
-    "admin": {6: ("27.9", False), 18: ("missing", False), 50: ("diverged", False), 100: ("diverged", False)},
-    "rezero": {6: ("26.9", False), 18: ("diverged", False), 50: ("-", False), 100: ("-", False)},
-    "r-fixup": {6: ("27.5", False), 18: ("27.7", False), 50: ("26.7", False), 100: ("diverged", False)},
-    "t-fixup": {6: ("27.5", False), 18: ("27.9", False), 50: ("27.5", False), 100: ("diverged", False)},
-    "pre-ln": {6: ("27.0", False), 18: ("28.0", False), 50: ("27.4", False), 100: ("27.4", False)},
-    "dlcl": {6: ("27.4", False), 18: ("28.2", False), 50: ("diverged?", False), 100: ("27.5", False)},
-    "normformer": {6: ("27.0", False), 18: ("28.3", False), 50: ("27.8", False), 100: ("diverged", False)},
-    "deepnorm": {6: ("27.8", False), 18: ("28.8", False), 50: ("29.0", False), 100: ("28.9", True)},
-}
-SCHEME_ORDER = list(PAPER_TABLE1)
-SCHEME_LABEL = {"post-ln": "Vanilla Post-LN", "ds-init": "DS-Init", "admin": "Admin", "rezero": "ReZero",
-                "r-fixup": "R-Fixup", "t-fixup": "T-Fixup", "pre-ln": "Vanilla Pre-LN", "dlcl": "DLCL",
-                "normformer": "NormFormer", "deepnorm": "DeepNet"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from deepnet_recipes.paper import SCHEME_LABEL, TABLE1, TABLE1_DEPTHS, TABLE2, table1_value  # noqa: E402
+
+SCHEME_ORDER = list(TABLE1)
 NAME = re.compile(r"^(?P<scheme>.+?)[-_](?P<enc>\d+)L-(?P<dec>\d+)L$")
 JSON_LOSS = re.compile(r'"(?:train_)?loss":\s*"?([^",}]+)"?')
 SIMPLE_LOSS = re.compile(r"\bloss[=\s]+([-+0-9.eE]+|nan|inf|-inf)\b", re.IGNORECASE)
@@ -145,13 +131,10 @@ def collect(grid: Path, blowup: float) -> List[Cell]:
 
 
 def paper_value(recipe: str, scheme: str, cell_depth: Tuple[int, int]) -> Optional[str]:
+    """The paper's Table 1 cell for a WMT-17 run (None for other recipes, unequal depths or schemes not in it)."""
     if recipe != "wmt17" or cell_depth[0] != cell_depth[1]:
         return None
-    entry = PAPER_TABLE1.get(scheme, {}).get(cell_depth[0])
-    if entry is None:
-        return None
-    value, confirmed = entry
-    return value if confirmed else value + "*"
+    return table1_value(scheme, cell_depth[0])
 
 
 def build_table(cells: List[Cell], recipe: str) -> Tuple[List[str], List[str], Dict[Tuple[str, str], Cell]]:
@@ -159,7 +142,7 @@ def build_table(cells: List[Cell], recipe: str) -> Tuple[List[str], List[str], D
     depths = sorted({(c.encoder_layers, c.decoder_layers) for c in cells})
     schemes = sorted({c.scheme for c in cells}, key=lambda s: (SCHEME_ORDER.index(s) if s in SCHEME_ORDER else 99, s))
     if recipe == "wmt17":
-        depths = sorted(set(depths) | {(d, d) for d in (6, 18, 50, 100)})
+        depths = sorted(set(depths) | {(d, d) for d in TABLE1_DEPTHS})
         schemes = SCHEME_ORDER + [s for s in schemes if s not in SCHEME_ORDER]
     return schemes, [f"{e}L-{d}L" for e, d in depths], by_key
 
@@ -183,16 +166,25 @@ def markdown(cells: List[Cell], recipe: str) -> str:
         out.append("| " + " | ".join(row) + " |")
     if with_paper:
         out.append("")
-        out.append("Cells: ours (paper). Paper numbers: Table 1 of Wang et al. 2022, WMT-17 En-De test BLEU; "
-                   "`*` = not confirmed from the paper's text (secondary transcription); only DeepNet 100L-100L = "
-                   "28.9 is confirmed. \"diverged\": exit code 3, NaN/inf, or the loss blew up.")
+        out.append("Cells: ours (paper). Paper: Table 1 of Wang et al. 2022 (arXiv 2203.00555), WMT-17 En-De test "
+                   "BLEU, fairseq's built-in BLEU. Ours \"diverged\": exit code 3, NaN/inf, or the loss blew up.")
+    if recipe == "opus100":
+        out += ["", table2_markdown()]
     return "\n".join(out) + "\n"
+
+
+def table2_markdown() -> str:
+    """The paper's Table 2 (OPUS-100 average sacreBLEU), to read our opus100 runs against."""
+    lines = ["Paper, Table 2 (OPUS-100 average sacreBLEU):", "",
+             "| Model | Layers | Params | X->En | En->X | Avg |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r.model} | {r.layers} | {r.params} | {r.x_en} | {r.en_x} | {r.avg} |" for r in TABLE2]
+    return "\n".join(lines)
 
 
 def to_csv(cells: List[Cell], recipe: str) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["scheme", "depth", "status", "bleu", "sacrebleu", "paper", "paper_confirmed", "detail", "run"])
+    writer.writerow(["scheme", "depth", "status", "bleu", "sacrebleu", "paper", "detail", "run"])
     schemes, depths, by_key = build_table(cells, recipe)
     for scheme in schemes:
         for depth in depths:
@@ -205,7 +197,7 @@ def to_csv(cells: List[Cell], recipe: str) -> str:
                 scheme, depth, cell.status if cell else "not run",
                 "" if not cell or cell.bleu is None else cell.bleu,
                 "" if not cell or cell.sacrebleu is None else cell.sacrebleu,
-                (paper or "").rstrip("*"), "" if paper is None else ("no" if paper.endswith("*") else "yes"),
+                paper or "",
                 cell.reason if cell else "", str(cell.path) if cell else "",
             ])
     return buffer.getvalue()
@@ -215,7 +207,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("grid", type=Path, help="directory holding the run directories")
     parser.add_argument("--recipe", choices=("wmt17", "iwslt14", "opus100", "none"), default="wmt17",
-                        help="wmt17 adds the paper's Table 1 numbers (default)")
+                        help="wmt17 adds the paper's Table 1 numbers (default); opus100 prints its Table 2")
     parser.add_argument("--markdown", type=Path, help="also write the Markdown table here")
     parser.add_argument("--csv", type=Path, help="write the CSV here (default: printed after the Markdown)")
     parser.add_argument("--blowup-factor", type=float, default=1.5,

@@ -99,14 +99,17 @@ class TestWmt17:
         assert (run / "status").read_text().strip() == "finished"
         info = json.loads((run / "run.json").read_text())
         for flag in ("--lr 1.5e-3", "--warmup-updates 4000", "--warmup-init-lr 1e-7", "--dropout 0.4",
-                     "--weight-decay 1e-4", "--label-smoothing 0.1", "--share-all-embeddings",
-                     "--residual-scheme deepnorm", "--encoder-layers 2"):
+                     "--weight-decay 1e-4", "--label-smoothing 0.1", "--adam-eps 1e-8", "--clip-norm 0.0",
+                     "--share-all-embeddings", "--residual-scheme deepnorm", "--encoder-layers 2"):
             assert flag in info["command"], flag
         again = sh("wmt17/train.sh", "deepnorm", 2, 2, 1, 1, *TINY, "--data", wmt["out"] / "bin", "--save-dir", run)
         assert "already finished" in again.stdout
         sh("wmt17/evaluate.sh", run, "--cpu", "--max-len-b", 8)
         result = bleu_of(run)
-        assert "compound-split" in result["tok_bleu_kind"]
+        # the primary number is fairseq-generate's own --remove-bpe BLEU line; compound splitting is an extra
+        assert result["primary"] == "fairseq_bleu" and result["bleu"] == result["fairseq_bleu"]
+        assert "BLEU4 = " in result["fairseq_bleu_line"]
+        assert "extra" in result["compound_split_bleu_kind"] and "tok_bleu" in result
         assert result["signature"].startswith("nrefs:1|case:mixed") and "tok:13a" in result["signature"]
 
     def test_dry_run_gpu_command(self, wmt, tmp_path):
@@ -115,11 +118,14 @@ class TestWmt17:
         assert "--update-freq 16" in out and "--max-tokens 4096" in out  # 8 GPUs x 4096 x 16 = 128 x 4096
         assert "--distributed-world-size 8" in out and "--fp16" in out and "--allow-rezero-fp16" in out
         assert "--stop-on-divergence-patience" in out
-        assert "--update-freq 128" in sh("wmt17/train.sh", "deepnorm", 6, 6, 1, "--dry-run").stdout
+        assert "--lr 5e-4" in out  # Table 5: the No-LN schemes
+        deepnorm = sh("wmt17/train.sh", "deepnorm", 6, 6, 1, "--dry-run").stdout
+        assert "--update-freq 128" in deepnorm and "--lr 1.5e-3" in deepnorm
         prep = sh("wmt17/prepare.sh", "--dry-run", "--out-dir", tmp_path / "p").stdout
         assert "training-parallel-nc-v12.tgz" in prep and "fairseq-preprocess" in prep and "--joined-dictionary" in prep
         ev = sh("wmt17/evaluate.sh", tmp_path / "r", "--dry-run").stdout
         assert "--num-epoch-checkpoints 10" in ev and "--beam 4" in ev and "--lenpen 0.6" in ev
+        assert "--primary fairseq_bleu" in ev
 
     def test_checksum_mismatch_and_bad_arguments(self, wmt, tmp_path):
         bad = tmp_path / "bad.sha256"
@@ -156,9 +162,13 @@ class TestIwslt14:
     def test_prepare(self, iwslt):
         text = iwslt["out"] / "text"
         train = (text / "train.raw.en").read_text()
-        assert "<url>" not in train and "<talkid>" not in train and "Jane Doe" not in train
+        # fairseq's prepare-iwslt14.sh drops only the <url>/<talkid>/<keywords> lines and strips the
+        # <title>/<description> tags; <speaker>/<reviewer>/<translator> lines stay (its IWSLT-17 script drops them)
+        assert "<url>" not in train and "<talkid>" not in train and "<keywords>" not in train
+        assert "<title>" not in train and "Talk title en" in train and "<speaker>Jane Doe</speaker>" in train
         assert len((text / "test.raw.en").read_text().splitlines()) == 15  # 5 XML test sets x 3 segments
         assert (text / "test.tok.en").read_text() == (text / "test.tok.en").read_text().lower()
+        assert "&quot;" in (text / "train.tok.en").read_text()  # tokenizer.perl escapes by default
 
     def test_sweep_train_evaluate_resume(self, iwslt):
         sweep = iwslt["root"] / "sweep"
@@ -180,6 +190,10 @@ class TestIwslt14:
         assert " train rezero 100 100 " in out
         gpu = sh("iwslt14/train.sh", "deepnorm", 50, 50, "--dry-run", "--save-dir", tmp_path / "r").stdout
         assert "--max-update 8000" in gpu and "--fp16" in gpu and "--stop-on-divergence-patience" in gpu
+        # Table 4: 512 / 2048 / 8, dropout 0.4, 4000 tokens per update
+        for flag in ("--encoder-ffn-embed-dim 2048", "--decoder-attention-heads 8", "--dropout 0.4",
+                     "--max-tokens 4000", "--update-freq 1", "--lr 5e-4", "--weight-decay 1e-4"):
+            assert flag in gpu, flag
         rezero = sh("iwslt14/train.sh", "rezero", 50, 50, "--dry-run", "--save-dir", tmp_path / "z").stdout
         assert "--fp16" not in rezero  # Fig. 6: mixed precision except ReZero
 
@@ -204,6 +218,9 @@ class TestOpus100:
         for flag in ("translation_multi_simple_epoch", "--encoder-langtok src", "--decoder-langtok",
                      "--checkpoint-activations", "--residual-scheme deepnorm", "--extra-lang-pairs"):
             assert flag in command, flag
+        # the train-only pairs get language tokens too (fairseq fills only langtoks["main"] by itself)
+        settings = [line for line in (run / "train.log").read_text().splitlines() if "langtoks settings" in line]
+        assert settings and "'trainonly': ['src', 'tgt']" in settings[0]
         sh("opus100/evaluate.sh", run, "--cpu", "--directions", "fr-en", "--max-len-b", 8)
         result = bleu_of(run)
         assert set(result["directions"]) == {"fr-en"} and result["x_en"] == result["bleu"]
@@ -214,8 +231,30 @@ class TestOpus100:
                  "--save-dir", tmp_path).stdout
         for flag in ("--encoder-layers 500", "--decoder-layers 500", "--ddp-backend fully_sharded",
                      "--checkpoint-activations", "--fp16", "--distributed-world-size 8", "--update-freq 16",
-                     "--max-epoch 4"):
+                     "--max-epoch 4", "--lr 5e-4", "--dropout 0.1", "--weight-decay 0.0", "--adam-eps 1e-8",
+                     "--langtoks"):
             assert flag in out, flag
+        assert "fp16 + Adam training state 59 GB" in out  # 3.71B parameters x 16 bytes
+        t8 = sh("opus100/train.sh", "table8", 8, "--data", opus["out"] / "bin", "--dry-run", "--save-dir",
+                tmp_path / "t8").stdout
+        for flag in ("--encoder-layers 100", "--encoder-embed-dim 1024", "--decoder-ffn-embed-dim 4096",
+                     "--encoder-attention-heads 16", "--dropout 0.1", "--warmup-updates 6000", "--adam-eps 1e-6",
+                     "--clip-norm 1.0", "--max-update 260000", "--update-freq 32"):  # 8 x 4096 x 32 = 256 x 4096
+            assert flag in t8, flag
+
+    def test_fsdp_needs_fairscale(self, opus, tmp_path):
+        try:
+            import fairscale  # noqa: F401
+            pytest.skip("fairscale is installed here")
+        except ImportError:
+            pass
+        proc = sh("opus100/train.sh", "1000l", 8, "--data", opus["out"] / "bin", "--save-dir", tmp_path / "f",
+                  check=False)
+        assert proc.returncode == 5 and "pip install 'fairscale==0.4.13'" in proc.stderr
+        assert not (tmp_path / "f").exists()  # failed before anything ran
+        none = sh("opus100/train.sh", "1000l", 8, "--sharding", "none", "--data", opus["out"] / "bin", "--dry-run",
+                  "--save-dir", tmp_path / "n").stdout
+        assert "--ddp-backend c10d" in none and "fully_sharded" not in none
 
 
 # ---- collect_results ------------------------------------------------------------------------------
@@ -252,14 +291,165 @@ def test_collect_results_table(tmp_path):
     md = proc.stdout
     assert md.strip() == md_path.read_text().strip()
     rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
-    assert "| 27.8 (27.8*) |" in rows["DeepNet"] and "28.9 (28.9) |" in rows["DeepNet"]
-    assert "diverged (diverged*)" in rows["Vanilla Post-LN"] and "28.1 (28.1*)" in rows["Vanilla Post-LN"]
-    assert "diverged (diverged*)" in rows["ReZero"]
-    assert "diverged (28.0*)" in rows["Vanilla Pre-LN"]
+    assert "| 27.8 (27.8) |" in rows["DeepNet"] and "28.9 (28.9) |" in rows["DeepNet"]
+    assert "diverged (diverged)" in rows["Vanilla Post-LN"] and "28.1 (28.1)" in rows["Vanilla Post-LN"]
+    assert "1.0 (diverged)" not in rows["ReZero"] and "diverged (diverged)" in rows["ReZero"]
+    assert "diverged (28.1)" in rows["Vanilla Pre-LN"]  # Table 1: Pre-LN 18L-18L = 28.1
     header = md.splitlines()[0]
     assert header.split("|")[2:6] == [" 6L-6L ", " 18L-18L ", " 50L-50L ", " 100L-100L "]
     csv_rows = {(r.split(",")[0], r.split(",")[1]): r for r in csv_path.read_text().splitlines()[1:]}
-    assert csv_rows[("post-ln", "100L-100L")].startswith("post-ln,100L-100L,diverged,,,diverged,no,exit code 3")
-    assert csv_rows[("deepnorm", "100L-100L")].startswith("deepnorm,100L-100L,ok,28.9,27.9,28.9,yes")
+    assert csv_rows[("post-ln", "100L-100L")].startswith("post-ln,100L-100L,diverged,,,diverged,exit code 3")
+    assert csv_rows[("deepnorm", "100L-100L")].startswith("deepnorm,100L-100L,ok,28.9,27.9,28.9,")
     assert "loss blew up" in csv_rows[("rezero", "18L-18L")]
-    assert csv_rows[("dlcl", "6L-6L")].startswith("dlcl,6L-6L,not run,,,27.4,no")
+    assert csv_rows[("dlcl", "6L-6L")].startswith("dlcl,6L-6L,not run,,,27.4,")
+    assert csv_rows[("admin", "18L-18L")].startswith("admin,18L-18L,not run,,,28.8,")
+    opus = subprocess.run([sys.executable, str(SCRIPTS / "collect_results.py"), grid, "--recipe", "opus100"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "| Baseline | 24 | 173M | 29.5 | 22.9 | 26.2 |" in opus
+    assert "| DeepNet | 1000 | 3.8B | 33.9 | 30.2 | 32.1 |" in opus
+
+
+# ---- one source of truth: the paper's tables, the generated configs, the data steps -----------------------
+sys.path.insert(0, str(SCRIPTS))
+from deepnet_recipes import paper  # noqa: E402
+from deepnet_recipes.configs import configs  # noqa: E402
+
+PAPER_TABLES = REPO.parent / "shared" / "docs" / "paper-tables.md"  # CI keeps shared/ next to the clone
+
+
+def _md_rows(text: str, heading: str) -> list:
+    """The body rows (lists of stripped cells) of the first Markdown table after ``heading``."""
+    rows, seen = [], False
+    for line in text[text.index(heading):].splitlines()[1:]:
+        if line.startswith("|"):
+            seen = True
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not set("".join(cells)) <= set("-: "):
+                rows.append(cells)
+        elif seen:
+            break
+    return rows[1:]  # without the header row
+
+
+def _hparam_cells(table: str) -> dict:
+    """Rows of the appendix hyperparameter table as paper-tables.md writes them, from ``paper``."""
+    hp = {"Table 4": paper.TABLE4_IWSLT14, "Table 5": paper.TABLE5_WMT17, "Table 6": paper.TABLE6_FIG7,
+          "Table 7": paper.TABLE7_OPUS100, "Table 8": paper.TABLE8_102LANG}[table]
+    lr = paper.fmt(hp.lr)
+    if table == "Table 5":
+        lr = f"No-LN {paper.fmt(paper.TABLE5_NO_LN_LR)}; Pre-LN, Post-LN, DeepNorm {lr}"
+    batch = f"{hp.batch_tokens // 4096} x 4096" if hp.batch_tokens % 4096 == 0 else str(hp.batch_tokens)
+    length = f"{hp.max_update // 1000}K updates" if hp.max_update else f"{hp.max_epoch} epochs"
+    size = f"{hp.embed_dim} / {hp.ffn_dim} / {hp.heads}"
+    if table == "Table 6":
+        depth = f"{paper.FIG7_DEPTH}L-{paper.FIG7_DEPTH}L"
+        size = ", ".join(f"{d}-{f}-{h}" for d, f, h in paper.FIG7_SIZES) + f" at {depth}"
+    if table == "Table 8":
+        size += f", {paper.TABLE8_LAYERS}L-{paper.TABLE8_LAYERS}L"
+    return {"learning rate": lr, "scheduler": hp.scheduler.replace("_", " "), "warm-up updates": str(hp.warmup_updates),
+            "warm-up init lr": paper.fmt(hp.warmup_init_lr), "max tokens": batch, "Adam eps": paper.fmt(hp.adam_eps),
+            "Adam betas": f"({hp.adam_betas[0]}, {hp.adam_betas[1]})", "label smoothing": paper.fmt(hp.label_smoothing),
+            "training length": length, "gradient clipping": paper.fmt(hp.clip_norm), "dropout": paper.fmt(hp.dropout),
+            "weight decay": paper.fmt(hp.weight_decay), "hidden / FFN / heads": size}
+
+
+@pytest.mark.skipif(not PAPER_TABLES.exists(), reason=f"{PAPER_TABLES} not here (CI keeps shared/ next to the clone)")
+def test_paper_module_equals_paper_tables_md():
+    text = PAPER_TABLES.read_text(encoding="utf-8")
+    labels = {v: k for k, v in paper.SCHEME_LABEL.items()}
+    table1 = {labels[r[0]]: (r[1], tuple(r[2:])) for r in _md_rows(text, "## Table 1")}
+    assert {k: v[1] for k, v in table1.items()} == paper.TABLE1
+    assert list(table1) == paper.TABLE1_SCHEMES
+    assert {k: v[0] for k, v in table1.items()} == paper.LN_GROUP
+    table2 = [(r[0], int(r[1]), r[2], float(r[3]), float(r[4]), float(r[5])) for r in _md_rows(text, "## Table 2")]
+    assert table2 == [(r.model, r.layers, r.params, r.x_en, r.en_x, r.avg) for r in paper.TABLE2]
+    rows = _md_rows(text, "## Hyperparameter tables")
+    tables = ["Table 4", "Table 5", "Table 6", "Table 7", "Table 8"]
+    assert len(rows) == 13
+    for row in rows:
+        for table, cell in zip(tables, row[1:], strict=True):
+            assert _hparam_cells(table)[row[0]] == cell, (row[0], table)
+    fig8 = text[text.index("Fig. 8"):].split("\n")[0]
+    assert "about " + ", ".join(str(v) for v in paper.FIG8_APPROX.values()) in fig8
+    assert "{" + ", ".join(str(d) for d in paper.FIG8_APPROX) + "}" in fig8
+
+
+def test_configs_are_generated_from_the_recipes():
+    """configs/*.yaml are exactly what ``python -m deepnet_recipes.configs`` writes from train.sh's flags."""
+    generated = configs()
+    assert len(generated) == 6
+    for name, text in generated.items():
+        assert (REPO / "configs" / name).read_text(encoding="utf-8") == text, f"{name} is stale: regenerate it"
+    wmt = generated["wmt17_en_de_deepnet.yaml"]
+    assert "  lr: [0.0015]" in wmt and "  dropout: 0.4" in wmt and "  update_freq: [16]" in wmt
+    iwslt = generated["iwslt14_de_en_deepnet.yaml"]
+    assert "  max_tokens: 4000" in iwslt and "  encoder_ffn_embed_dim: 2048" in iwslt and "  dropout: 0.4" in iwslt
+    t8 = generated["table8_102lang_deepnet_200l.yaml"]
+    assert "  dropout: 0.1" in t8 and "  warmup_updates: 6000" in t8 and "  encoder_embed_dim: 1024" in t8
+
+
+def test_fig7_grid_dry_run(tmp_path):
+    out = sh("wmt17/fig7.sh", 8, "--dry-run", "--out", tmp_path).stdout
+    trains = [line for line in out.splitlines() if line.startswith("fairseq-train")]
+    assert len(trains) == 7  # lr x3, batch x3, size x3, the default point shared
+    for line in trains:
+        for flag in ("--encoder-layers 18", "--adam-eps 1e-6", "--clip-norm 1.0", "--weight-decay 0.0",
+                     "--max-update 30000", "--warmup-updates 4000"):
+            assert flag in line, flag
+    assert sum("--lr 1.5e-3" in t for t in trains) == 1 and sum("--lr 5e-4" in t for t in trains) == 5
+    assert sum("--update-freq 32" in t for t in trains) == 1 and sum("--update-freq 8 " in t for t in trains) == 1
+    assert sum("--encoder-embed-dim 1024 --encoder-ffn-embed-dim 4096 --encoder-attention-heads 16" in t
+               for t in trains) == 1
+
+
+def test_moses_steps_follow_fairseq_scripts(tmp_path):
+    """Each tokenize variant does what the fairseq script's pipe does on the same line: tokenizer.perl escapes,
+    train text is normalized and cleaned of non-printing characters (WMT), test text only tokenized."""
+    line = "„Das Haus“ – it's a well-known test & more\u00a0ok\n"
+    src = tmp_path / "in.txt"
+    src.write_text(line, encoding="utf-8")
+    tool = [sys.executable, "-m", "deepnet_recipes.tools", "tokenize", str(src)]
+    env = dict(os.environ, PYTHONPATH=str(SCRIPTS))
+
+    def run(name: str, *flags: str) -> str:
+        subprocess.run([*tool, str(tmp_path / name), "--lang", "de", *flags], env=env, check=True,
+                       capture_output=True)
+        return (tmp_path / name).read_text(encoding="utf-8").strip()
+
+    # (German: tokenizer.perl splits the apostrophe off both sides, "it &apos; s")
+    # prepare-wmt14en2de.sh, train: normalize-punctuation.perl | remove-non-printing-char.perl | tokenizer.perl -a
+    assert run("train", "--normalize-punctuation", "--remove-non-printing", "--aggressive") == \
+        "&quot; Das Haus &quot; - it &apos; s a well @-@ known test &amp; more ok"
+    # prepare-wmt14en2de.sh, test: tokenizer.perl -a only (the German quotes and the dash stay)
+    assert run("test", "--aggressive") == "„ Das Haus “ – it &apos; s a well @-@ known test &amp; more ok"
+    # prepare-iwslt14.sh: tokenizer.perl (no -a) | lowercase.perl
+    assert run("iwslt", "--lowercase") == "„ das haus “ – it &apos; s a well-known test &amp; more ok"
+
+
+def test_iwslt_train_filter_is_fairseqs():
+    from deepnet_recipes.tools import iwslt_train_lines
+
+    lines = ["<url>http://x</url>", "<keywords>a, b</keywords>", "<talkid>1</talkid>", "<speaker>Jane</speaker>",
+             "<title>Hi</title>", "<description>About: x</description>", "text <url> inside", "plain text",
+             '<reviewer href="r">R</reviewer>']
+    assert list(iwslt_train_lines(lines)) == ["<speaker>Jane</speaker>", "Hi", "About: x", "plain text",
+                                              '<reviewer href="r">R</reviewer>']
+
+
+def test_bleu_primary_must_be_computed(tmp_path):
+    gen = tmp_path / "generate.out"
+    gen.write_text("H-0\t-0.1\ta b c d\nD-0\t-0.1\ta b c d\n")
+    ref = tmp_path / "ref.txt"
+    ref.write_text("a b c d\n")
+    env = dict(os.environ, PYTHONPATH=str(SCRIPTS))
+    tool = [sys.executable, "-m", "deepnet_recipes.tools", "bleu", "--generate-output", str(gen)]
+    proc = subprocess.run([*tool, "--ref-raw", str(ref), "--primary", "tok_bleu"], env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "--primary tok_bleu: not computed" in proc.stderr
+    proc = subprocess.run([*tool, "--ref-tok", str(ref)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 1 and "no 'Generate ... BLEU4 = ' line" in proc.stderr
+    gen.write_text(gen.read_text() + "Generate test with beam=5: BLEU4 = 37.50, 100.0/100.0/100.0/100.0 (BP=1.000)\n")
+    subprocess.run([*tool, "--ref-tok", str(ref), "--json", str(tmp_path / "b.json")], env=env, check=True,
+                   capture_output=True)
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["bleu"] == result["fairseq_bleu"] == 37.5 and result["tok_bleu"] == 100.0

@@ -5,10 +5,11 @@
     scripts/iwslt14/evaluate.sh RUN_DIR
     scripts/iwslt14/sweep.sh [--schemes a,b,...] [--depths 10,20,...,100] [GPUS] [overrides] [-- fairseq flags]
 
-The standard split (as fairseq's prepare-iwslt14.sh): training = train.tags.de-en without its metadata
-lines, Moses-tokenized and lowercased, pairs cleaned to 1-175 tokens with length ratio <= 1.5, every
-23rd pair held out as valid; test = dev2010 + TEDX.dev2012 + tst2010 + tst2011 + tst2012 (the XML
-files); a joint SentencePiece BPE of 10k (fairseq uses 10k subword-nmt BPE).
+Data step for step as fairseq's prepare-iwslt14.sh (deviations: docs/recipes.md): training = train.tags.de-en
+without the <url>/<talkid>/<keywords> lines, Moses-tokenized (no punctuation normalization, escaping on) and
+lowercased, pairs cleaned to 1-175 tokens with length ratio <= 1.5, every 23rd pair held out as valid; test =
+dev2010 + TEDX.dev2012 + tst2010 + tst2011 + tst2012 (the XML files); a joint SentencePiece BPE of 10k
+(fairseq: subword-nmt BPE, 10k merges).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from deepnet_recipes.common import (
     start_prepare,
     tool_env,
 )
-from deepnet_recipes.training import TABLE1_SCHEMES as SCHEMES
+from deepnet_recipes.paper import TABLE1_SCHEMES as SCHEMES
+from deepnet_recipes.paper import TABLE4_IWSLT14
 from deepnet_recipes.training import BilingualRecipe, split_extra
 
 HERE = SCRIPTS / "iwslt14"
@@ -43,8 +45,8 @@ URL = "http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz"  # fairseq'
 TEST_SETS = ["IWSLT14.TED.dev2010", "IWSLT14.TEDX.dev2012", "IWSLT14.TED.tst2010", "IWSLT14.TED.tst2011",
              "IWSLT14.TED.tst2012"]
 DEPTHS = list(range(10, 101, 10))
-MAX_TOKENS = 4096
-TARGET_TOKENS = 8 * 4096  # recipe choice (Table 4 of the paper is not confirmed): 8 GPUs x 4096 tokens
+TARGET_TOKENS = TABLE4_IWSLT14.batch_tokens  # 4000 tokens per update [Table 4]
+MAX_TOKENS = TARGET_TOKENS  # one GPU, no accumulation
 DEFAULT_OUT = REPO / "runs" / "recipes" / "iwslt14_de_en"
 
 
@@ -113,20 +115,14 @@ def prepare(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def recipe_flags(scheme: str, encoder_layers: int, decoder_layers: int) -> List[str]:
+    """fairseq-train flags: Table 4 of the paper (512 / 2048 / 8 heads, dropout 0.4, 4000 tokens per update)."""
     flags = [
         "--task", "translation", "--source-lang", SRC, "--target-lang", TGT,
         "--arch", "deepnet_transformer", "--residual-scheme", scheme,
         "--encoder-layers", str(encoder_layers), "--decoder-layers", str(decoder_layers),
-        # fairseq's transformer_iwslt_de_en sizes (proxy: Table 4 not confirmed): 512 / FFN 1024 / 4 heads
-        "--encoder-ffn-embed-dim", "1024", "--decoder-ffn-embed-dim", "1024",
-        "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
-        "--share-all-embeddings",
-        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "0.0",
-        "--lr", "5e-4", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4000", "--warmup-init-lr", "1e-7",
-        "--dropout", "0.3", "--weight-decay", "1e-4",
-        "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+        *TABLE4_IWSLT14.flags(),  # [Table 4]; 8,000 updates per depth [Table 4, Fig. 6]
+        "--share-all-embeddings",  # joined dictionary [recipe choice]
         "--max-tokens", str(MAX_TOKENS), "--update-freq", "1",
-        "--max-update", "8000",  # 8,000 steps per depth [paper text, Fig. 6]
         "--stop-on-divergence-patience", "20",
         "--no-epoch-checkpoints", "--seed", "1", "--log-format", "json", "--log-interval", "100",
         "--no-progress-bar",
@@ -139,8 +135,9 @@ def recipe_flags(scheme: str, encoder_layers: int, decoder_layers: int) -> List[
 RECIPE = BilingualRecipe(
     name="iwslt14", doc=__doc__, src=SRC, tgt=TGT, schemes=SCHEMES, max_tokens=MAX_TOKENS,
     target_tokens=TARGET_TOKENS, default_data=default_data(), flags=recipe_flags, gpus=1,
-    update_freq_help=f"'auto' (default) keeps the {TARGET_TOKENS // 4096} x 4096-token global batch",
-    # evaluate: the last checkpoint, beam 5, lenpen 1.0, lowercased BLEU
+    update_freq_help=f"'auto' (default) keeps Table 4's {TARGET_TOKENS}-token batch",
+    # evaluate [recipe choice, from fairseq's IWSLT example; the paper states none]: the last checkpoint, beam 5,
+    # lenpen 1.0; primary = fairseq-generate's BLEU on the lowercased tokenized text
     average=0, beam=5, lenpen=1.0, eval_tools=["fairseq-generate"], bleu_detok_flags=["--lowercase"],
 )
 train = RECIPE.train

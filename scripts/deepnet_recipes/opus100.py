@@ -8,8 +8,10 @@ Data: the OPUS-100 v1.0 release (Zhang et al. 2020), ``opus-100-corpus/v1.0/supe
 opus.<pair>-{train,dev,test}.<lang>``, raw text; one joint SentencePiece model (64k) over all training
 text; one shared dictionary; each pair binarized once as ``xx-en`` (fairseq's multilingual loader reads
 it for both directions). Pairs without dev/test (5 in v1.0) are trained on but not validated/tested.
-Training uses fairseq's ``translation_multi_simple_epoch`` with language tokens (``--encoder-langtok src
---decoder-langtok``), temperature sampling; evaluation is case-sensitive detokenized sacreBLEU per
+Training uses fairseq's ``translation_multi_simple_epoch`` with language tokens on every pair, train-only pairs
+included (``--langtoks``), temperature sampling T=5 and a 64k SentencePiece unigram model (both recipe choices:
+Zhang et al. 2020's released scripts use a 64k BPE, a ``<2xx>`` tag on the source and no temperature
+sampling; the DeepNet paper states neither); evaluation is case-sensitive detokenized sacreBLEU per
 direction and the X->En / En->X averages of Table 2.
 """
 
@@ -19,9 +21,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from deepnet_recipes.common import (
+    EXIT_MISSING_TOOL,
     EXIT_USAGE,
     REPO,
     SCRIPTS,
@@ -35,6 +38,14 @@ from deepnet_recipes.common import (
     require_tools,
     start_prepare,
     tool_env,
+)
+from deepnet_recipes.paper import (
+    TABLE7_OPUS100,
+    TABLE8_102LANG,
+    TABLE8_LAYERS,
+    Hparams,
+    training_state_gb,
+    transformer_params,
 )
 from deepnet_recipes.training import (
     TrainPlan,
@@ -54,9 +65,16 @@ CHECKSUMS = HERE / "checksums.sha256"
 ARCHIVE = "opus-100-corpus-v1.0.tar.gz"
 URL = "https://object.pouta.csc.fi/OPUS-100/v1.0/opus-100-corpus-v1.0.tar.gz"
 SUPERVISED = Path("opus-100-corpus") / "v1.0" / "supervised"
-MODELS = {"200l": 100, "1000l": 500}  # total layers -> layers per side; d=512, FFN 2048, 8 heads [paper text]
-MAX_TOKENS = 4096
-TARGET_TOKENS = 128 * 4096  # recipe choice (Table 7 not confirmed): the WMT-17 proxy's global batch
+# model -> (layers per side, hyperparameters): Table 2's DeepNet rows [Table 7], and Table 3's 102-language model
+# [Table 8] (its data, CCMatrix + CCAligned + OPUS + Tatoeba, is not built here: prepare it in this recipe's layout)
+MODELS: Dict[str, Tuple[int, Hparams]] = {"200l": (100, TABLE7_OPUS100), "1000l": (500, TABLE7_OPUS100),
+                                          "table8": (TABLE8_LAYERS, TABLE8_102LANG)}
+MAX_TOKENS = 4096  # per GPU per step; update-freq makes up the rest of the table's global batch
+SHARDING = {  # --sharding: how the training state is spread over the GPUs
+    "fsdp": ["--ddp-backend", "fully_sharded"],  # needs fairscale
+    "none": ["--ddp-backend", "c10d"],  # plain DDP: the whole training state on every GPU
+}
+FAIRSCALE_INSTALL = "pip install 'fairscale==0.4.13'"
 DEFAULT_OUT = REPO / "runs" / "recipes" / "opus100"
 
 
@@ -94,7 +112,8 @@ def discover(sup: Path, langs: Optional[List[str]], dry_run: bool) -> Dict[str, 
 
 def prepare_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--langs", help="only these non-English languages (comma-separated; default all 99)")
-    parser.add_argument("--vocab-size", type=int, default=64000, help="joint SentencePiece size (default 64000)")
+    parser.add_argument("--vocab-size", type=int, default=64000,
+                        help="joint SentencePiece unigram size (default 64000; the unigram model is a recipe choice)")
     parser.add_argument("--spm-sentences", type=int, default=10_000_000)
 
 
@@ -165,10 +184,16 @@ def prepare(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def task_flags(data: Path, meta: dict) -> List[str]:
-    flags = ["--task", "translation_multi_simple_epoch", "--lang-dict", str(data / "langs.txt"),
-             "--lang-pairs", ",".join(meta["lang_pairs"]),
-             "--encoder-langtok", "src", "--decoder-langtok"]  # language tokens [proxy: fairseq M2M/mBART-50 style]
-    return flags
+    """The multilingual task: language tokens [recipe choice, fairseq's M2M-100/mBART-50 style: ``__src__`` at
+    the start of the source, ``__tgt__`` at the start of the target]. ``--langtoks`` names both data categories:
+    fairseq fills only "main" from --encoder-langtok/--decoder-langtok, and a category it does not name (the
+    train-only pairs) would train without any language token."""
+    langtoks = {"main": ["src", "tgt"]}
+    if meta.get("trainonly_pairs"):
+        langtoks["trainonly"] = ["src", "tgt"]
+    return ["--task", "translation_multi_simple_epoch", "--lang-dict", str(data / "langs.txt"),
+            "--lang-pairs", ",".join(meta["lang_pairs"]),
+            "--encoder-langtok", "src", "--decoder-langtok", "--langtoks", json.dumps(langtoks)]
 
 
 def load_meta(data: Path, dry_run: bool) -> dict:
@@ -180,19 +205,17 @@ def load_meta(data: Path, dry_run: bool) -> dict:
     raise RecipeError(f"{path} is missing: run scripts/opus100/prepare.sh first (or pass --data)", EXIT_USAGE)
 
 
-def recipe_flags(layers: int, data: Path, meta: dict) -> List[str]:
+def recipe_flags(layers: int, hp: Hparams, data: Path, meta: dict, sharding: str) -> List[str]:
+    """fairseq-train flags: ``hp`` (Table 7 for Table 2's models, Table 8 for the 102-language one)."""
     flags = task_flags(data, meta) + [
-        "--sampling-method", "temperature", "--sampling-temperature", "5",  # [proxy: Zhang et al. 2020, T=5]
-        "--arch", "deepnet_transformer",  # d=512, FFN 2048, 8 heads [paper text]
-        "--residual-scheme", "deepnorm", "--encoder-layers", str(layers), "--decoder-layers", str(layers),
-        "--share-all-embeddings",
-        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "0.0",
-        "--lr", "5e-4", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4000", "--warmup-init-lr", "1e-7",
-        "--dropout", "0.1", "--weight-decay", "0.0",
-        "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+        "--sampling-method", "temperature", "--sampling-temperature", "5",  # [recipe choice: Zhang et al. 2020's
+        # released scripts sample nothing; the DeepNet paper does not say]
+        "--arch", "deepnet_transformer", "--residual-scheme", "deepnorm",
+        "--encoder-layers", str(layers), "--decoder-layers", str(layers),
+        *hp.flags(),  # [Table 7 / Table 8]
+        "--share-all-embeddings",  # one SentencePiece vocabulary [recipe choice]
         "--max-tokens", str(MAX_TOKENS), "--update-freq", "1",
-        "--max-epoch", "4",  # 4 epochs [paper text]
-        "--fp16", "--checkpoint-activations", "--ddp-backend", "fully_sharded",
+        "--fp16", "--checkpoint-activations", *SHARDING[sharding],  # [recipe choice: what fits 80 GB GPUs]
         "--stop-on-divergence-patience", "20",
         "--save-interval-updates", "2000", "--keep-interval-updates", "2", "--keep-last-epochs", "2",
         "--seed", "1", "--log-format", "json", "--log-interval", "100", "--no-progress-bar",
@@ -204,31 +227,59 @@ def recipe_flags(layers: int, data: Path, meta: dict) -> List[str]:
     return flags
 
 
+def require_fairscale() -> None:
+    """FSDP (``--ddp-backend fully_sharded``) imports fairscale; fail before anything runs when it is missing."""
+    try:
+        __import__("fairscale")
+    except ImportError:
+        raise RecipeError(
+            "--sharding fsdp (fairseq's --ddp-backend fully_sharded) needs fairscale, which is not installed: "
+            f"{FAIRSCALE_INSTALL} (GPU machines only: its FSDP does not run on CPU). Without it: --sharding none "
+            "(plain DDP + activation checkpointing; see docs/recipes.md for what fits which GPU)", EXIT_MISSING_TOOL,
+        ) from None
+
+
+def memory_note(layers: int, hp: Hparams, vocab: int = 64000) -> str:
+    """The fp16 + Adam training state of the model, per GPU without sharding."""
+    params = transformer_params(layers, hp.embed_dim, hp.ffn_dim, vocab)
+    return (f"# {params / 1e9:.2f}B parameters (vocabulary {vocab}): fp16 + Adam training state "
+            f"{training_state_gb(params):.0f} GB ({training_state_gb(params, 12):.0f} GB with "
+            f"--memory-efficient-fp16), on every GPU under --sharding none, 1/GPUS of it under fsdp")
+
+
 def train(argv: Optional[Sequence[str]] = None) -> int:
     argv, extra = split_extra(argv)
     parser = recipe_parser("train.sh", __doc__)
-    parser.add_argument("model", choices=sorted(MODELS), help="200l = 100L-100L, 1000l = 500L-500L")
+    parser.add_argument("model", choices=sorted(MODELS),
+                        help="200l = 100L-100L, 1000l = 500L-500L [Table 7]; "
+                             "table8 = 100L-100L, 1024/4096/16 [Table 8]")
     parser.add_argument("gpus", type=int, nargs="?", default=8, help="GPUs (default 8 x 80 GB)")
     parser.add_argument("update_freq", nargs="?", default="auto",
-                        help="'auto' (default) keeps the 128 x 4096-token global batch")
+                        help="'auto' (default) keeps the table's global batch (128 x 4096; Table 8: 256 x 4096)")
     parser.add_argument("--layers", type=int, help="override the layers per side (tests: 2)")
+    parser.add_argument("--sharding", choices=sorted(SHARDING), default="fsdp",
+                        help="fsdp (default; needs fairscale) or none (plain DDP; see docs/recipes.md for memory)")
     add_train_overrides(parser)
     args = parser.parse_args(argv)
-    layers = args.layers or MODELS[args.model]
+    paper_layers, hp = MODELS[args.model]
+    layers = args.layers or paper_layers
     if layers < 1:
         parser.error("--layers must be a positive integer")
+    if args.sharding == "fsdp" and not args.cpu and not args.dry_run:
+        require_fairscale()
     max_tokens, update_freq = resolve_plan_numbers(parser, args, args.gpus, args.update_freq, MAX_TOKENS,
-                                                   TARGET_TOKENS)
+                                                   hp.batch_tokens)
     data = (args.data or default_data()).resolve()
     meta = load_meta(data, args.dry_run)
     plan = TrainPlan(
         recipe="opus100", data=data, save_dir=(args.save_dir or default_run_dir("opus100", args.model)).resolve(),
         scheme="deepnorm", encoder_layers=layers, decoder_layers=layers, gpus=args.gpus, max_tokens=max_tokens,
-        update_freq=update_freq, target_tokens=TARGET_TOKENS, flags=recipe_flags(layers, data, meta),
-        info={"model": args.model},
+        update_freq=update_freq, target_tokens=hp.batch_tokens,
+        flags=recipe_flags(layers, hp, data, meta, args.sharding), info={"model": args.model, "table": hp.table},
     )
+    print(memory_note(layers, hp))
     if args.cpu:
-        print("# --cpu: FSDP (--ddp-backend fully_sharded) and --fp16 need CUDA; dropped for this run")
+        print("# --cpu: --fp16 and --ddp-backend need CUDA; dropped for this run")
     return run_training(plan, args, extra, "opus100/train.sh")
 
 

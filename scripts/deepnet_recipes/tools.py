@@ -26,8 +26,9 @@ import sys
 import unicodedata
 import urllib.request
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
+EXIT_USAGE = 2
 EXIT_CHECKSUM = 4
 
 
@@ -139,12 +140,24 @@ def cmd_sgm(args: argparse.Namespace) -> None:
     print(f"{args.input}: {atomic_write_lines(args.output, lines)} segments -> {args.output}")
 
 
-IWSLT_META = re.compile(r"^\s*<(url|talkid|keywords|speaker|reviewer|translator|doc|/doc)\b", re.IGNORECASE)
-IWSLT_STRIP = re.compile(r"</?(title|description)>", re.IGNORECASE)
+IWSLT_META = ("<url>", "<talkid>", "<keywords>")  # fairseq's prepare-iwslt14.sh: grep -v each (anywhere in the line)
+IWSLT_STRIP = ("<title>", "</title>", "<description>", "</description>")  # ... and sed -e 's/TAG//g' each
+
+
+def iwslt_train_lines(lines: Iterable[str]) -> Iterator[str]:
+    """fairseq's prepare-iwslt14.sh on train.tags.*: drop the lines holding <url>, <talkid> or <keywords> and
+    remove the <title>/<description> tags (their text stays); every other line, <speaker>/<reviewer>/... lines
+    included, is kept as it is (the IWSLT-17 script filters those; the IWSLT-14 one does not)."""
+    for line in lines:
+        if any(tag in line for tag in IWSLT_META):
+            continue
+        for tag in IWSLT_STRIP:
+            line = line.replace(tag, "")
+        yield line
 
 
 def cmd_iwslt_tags(args: argparse.Namespace) -> None:
-    kept = (IWSLT_STRIP.sub("", line).strip() for line in read_lines(args.input) if not IWSLT_META.match(line))
+    kept = iwslt_train_lines(read_lines(args.input))
     print(f"{args.input}: {atomic_write_lines(args.output, kept)} lines -> {args.output}")
 
 
@@ -160,22 +173,28 @@ def cmd_concat(args: argparse.Namespace) -> None:
 _TOK = {}
 
 
-def _tokenize_init(lang: str, lowercase: bool, aggressive: bool) -> None:
+def _tokenize_init(lang: str, lowercase: bool, aggressive: bool, normalize: bool, non_printing: bool) -> None:
     import sacremoses
 
-    _TOK["norm"] = sacremoses.MosesPunctNormalizer(lang=lang)
+    _TOK["norm"] = sacremoses.MosesPunctNormalizer(lang=lang) if normalize else None
     _TOK["tok"] = sacremoses.MosesTokenizer(lang=lang)
-    _TOK["opts"] = (lowercase, aggressive)
+    _TOK["opts"] = (lowercase, aggressive, non_printing)
 
 
 def _remove_non_printing(text: str) -> str:
+    """remove-non-printing-char.perl: every \\p{C} character becomes a space."""
     return "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in text)
 
 
 def _tokenize_line(line: str) -> str:
-    lowercase, aggressive = _TOK["opts"]
-    text = _remove_non_printing(_TOK["norm"].normalize(line))
-    text = _TOK["tok"].tokenize(text, aggressive_dash_splits=aggressive, escape=False, return_str=True)
+    """One line through the Moses steps fairseq's prepare scripts pipe it through, in their order:
+    [normalize-punctuation.perl -l L] [| remove-non-printing-char.perl] | tokenizer.perl [-a] -l L [| lowercase.perl].
+    tokenizer.perl escapes & | < > ' " [ ] by default (&amp; ... &#93;), so this does too."""
+    lowercase, aggressive, non_printing = _TOK["opts"]
+    text = _TOK["norm"].normalize(line) if _TOK["norm"] is not None else line
+    if non_printing:
+        text = _remove_non_printing(text)
+    text = _TOK["tok"].tokenize(text, aggressive_dash_splits=aggressive, escape=True, return_str=True)
     text = " ".join(text.split())
     return text.lower() if lowercase else text
 
@@ -189,10 +208,12 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     if args.workers > 1 and len(lines) > 10000:
         import multiprocessing
 
-        with multiprocessing.Pool(args.workers, _tokenize_init, (args.lang, args.lowercase, args.aggressive)) as pool:
+        init = (args.lang, args.lowercase, args.aggressive, args.normalize_punctuation, args.remove_non_printing)
+        with multiprocessing.Pool(args.workers, _tokenize_init, init) as pool:
             out = list(pool.imap(_tokenize_line, lines, chunksize=2000))
     else:
-        _tokenize_init(args.lang, args.lowercase, args.aggressive)
+        _tokenize_init(args.lang, args.lowercase, args.aggressive, args.normalize_punctuation,
+                       args.remove_non_printing)
         out = [_tokenize_line(line) for line in lines]
     print(f"{args.input}: {atomic_write_lines(args.output, out)} lines tokenized ({args.lang}) -> {args.output}")
 
@@ -298,6 +319,19 @@ def tokenized_bleu(hyps: List[str], refs: List[str]):
     return metric.corpus_score(hyps, [refs])
 
 
+FAIRSEQ_BLEU = re.compile(r"^Generate \S+ with beam=\d+: BLEU4? = ([0-9.]+)", re.MULTILINE)
+
+
+def fairseq_bleu(generate_output: Path) -> Tuple[float, str]:
+    """(score, line) of fairseq-generate's own BLEU line: fairseq's built-in BLEU-4 on the ``--remove-bpe``
+    output against the binarized (equally --remove-bpe'd) test references, the paper's WMT/IWSLT metric."""
+    text = generate_output.read_text(encoding="utf-8", errors="replace")
+    match = FAIRSEQ_BLEU.search(text)
+    if match is None:
+        fail(f"{generate_output}: no 'Generate ... BLEU4 = ' line (was fairseq-generate run with --scoring bleu?)")
+    return float(match.group(1)), match.group(0)
+
+
 def cmd_bleu(args: argparse.Namespace) -> None:
     import sacrebleu
 
@@ -305,16 +339,24 @@ def cmd_bleu(args: argparse.Namespace) -> None:
     from score_bleu import read_hypotheses  # the demo's parser of fairseq-generate output
 
     result: Dict[str, object] = {"name": args.name, "generate_output": str(args.generate_output)}
+    if args.primary == "fairseq_bleu" or args.ref_tok:
+        score, line = fairseq_bleu(args.generate_output)
+        result.update(fairseq_bleu=score, fairseq_bleu_line=line,
+                      fairseq_bleu_kind="fairseq-generate --remove-bpe: built-in tokenized BLEU-4 (the paper's)")
+        print(f"[{args.name}] fairseq-generate BLEU: {line}")
     if args.ref_tok:
         refs = list(read_lines(args.ref_tok))
         hyps = read_hypotheses(args.generate_output, len(refs))
-        if args.compound_split:
-            hyps, refs = [compound_split(h) for h in hyps], [compound_split(r) for r in refs]
         score = tokenized_bleu(hyps, refs)
         result.update(tok_bleu=round(score.score, 2), tok_bleu_line=str(score),
-                      tok_bleu_kind="tokenized BLEU-4 (fairseq scorer)" + (", compound-split" if args.compound_split
-                                                                         else ""))
-        print(f"[{args.name}] tokenized BLEU{' (compound split)' if args.compound_split else ''}: {score}")
+                      tok_bleu_kind="tokenized BLEU-4 against the tokenized reference file")
+        print(f"[{args.name}] tokenized BLEU (reference file): {score}")
+        if args.compound_split:
+            split = tokenized_bleu([compound_split(h) for h in hyps], [compound_split(r) for r in refs])
+            result.update(compound_split_bleu=round(split.score, 2), compound_split_bleu_line=str(split),
+                          compound_split_bleu_kind="extra, not the paper's metric: tokenized BLEU-4 with "
+                                                   "##AT##-##AT## compound splitting")
+            print(f"[{args.name}] extra: compound-split tokenized BLEU: {split}")
     if args.ref_raw:
         refs = list(read_lines(args.ref_raw))
         hyps = read_hypotheses(args.generate_output, len(refs))
@@ -327,7 +369,10 @@ def cmd_bleu(args: argparse.Namespace) -> None:
         signature = str(metric.get_signature())
         result.update(sacrebleu=round(score.score, 2), sacrebleu_line=str(score), signature=signature)
         print(f"[{args.name}] sacreBLEU: {score}\n[{args.name}] signature: {signature}")
-    result["bleu"] = result.get(args.primary, result.get("tok_bleu", result.get("sacrebleu")))
+    if args.primary not in result:
+        fail(f"--primary {args.primary}: not computed (give --ref-tok for tok_bleu, --ref-raw for sacrebleu)",
+             EXIT_USAGE)
+    result["bleu"] = result[args.primary]
     result["primary"] = args.primary
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -374,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lang", required=True)
     p.add_argument("--lowercase", action="store_true")
     p.add_argument("--aggressive", action="store_true", help="split hyphens as @-@ (tokenizer.perl -a)")
+    p.add_argument("--normalize-punctuation", action="store_true", help="normalize-punctuation.perl first")
+    p.add_argument("--remove-non-printing", action="store_true", help="remove-non-printing-char.perl first")
     p.add_argument("--workers", type=int, default=1)
 
     p = sub.add_parser("split-every")
@@ -421,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detok-lang", help="Moses-detokenize the hypotheses first (they were Moses-tokenized)")
     p.add_argument("--hyp-out", type=Path, help="write the (detokenized) hypotheses here")
     p.add_argument("--lowercase", action="store_true", help="case-insensitive sacreBLEU (-lc)")
-    p.add_argument("--primary", choices=("tok_bleu", "sacrebleu"), default="tok_bleu")
+    p.add_argument("--primary", choices=("fairseq_bleu", "tok_bleu", "sacrebleu"), default="fairseq_bleu",
+                   help="the number copied to 'bleu' (default: fairseq-generate's own BLEU line)")
     p.add_argument("--json", type=Path)
     p.add_argument("--name", default="")
     p.set_defaults(func=cmd_bleu)

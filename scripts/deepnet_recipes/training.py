@@ -36,10 +36,6 @@ from deepnet_recipes.common import (
     tool_env,
 )
 
-# the schemes of the DeepNet paper's Table 1 comparison, in its row order
-TABLE1_SCHEMES = [
-    "post-ln", "ds-init", "admin", "rezero", "r-fixup", "t-fixup", "pre-ln", "dlcl", "normformer", "deepnorm",
-]
 GPU_ONLY_FLAGS = {"--fp16", "--memory-efficient-fp16", "--allow-rezero-fp16", "--checkpoint-activations-offload"}
 GPU_ONLY_VALUED = {"--ddp-backend", "--fp16-init-scale", "--distributed-world-size"}
 
@@ -152,6 +148,11 @@ def train_command(plan: TrainPlan, args: argparse.Namespace, extra: Sequence[str
             "--save-dir", str(plan.save_dir), *extra]
 
 
+def batch_text(tokens: int) -> str:
+    """``524288 = 128 x 4096`` (the paper's notation) or ``4000``."""
+    return f"{tokens} = {tokens // 4096} x 4096" if tokens % 4096 == 0 else str(tokens)
+
+
 def read_status(save_dir: Path) -> Optional[str]:
     path = save_dir / "status"
     return path.read_text().strip() if path.exists() else None
@@ -163,7 +164,7 @@ def run_training(plan: TrainPlan, args: argparse.Namespace, extra: Sequence[str]
     note = (f"# {plan.recipe}: {plan.scheme} {plan.encoder_layers}L-{plan.decoder_layers}L on "
             f"{plan.gpus} {'process' if args.cpu else 'GPU'}(s): {plan.gpus} x {plan.max_tokens} tokens x "
             f"update-freq {plan.update_freq} = {global_tokens} tokens per update "
-            f"(recipe target {plan.target_tokens} = {plan.target_tokens // 4096} x 4096)")
+            f"(recipe target {batch_text(plan.target_tokens)})")
     print(note, flush=True)
     if global_tokens < plan.target_tokens or global_tokens > 1.1 * plan.target_tokens:
         print(f"# warning: the global batch differs from the recipe's {plan.target_tokens} tokens", flush=True)
@@ -323,7 +324,7 @@ class BilingualRecipe:
     beam: int
     lenpen: float
     eval_tools: Sequence[str]  # console scripts evaluate.sh needs
-    bleu_ref_tok_flags: Sequence[str] = ()  # bleu flags right after --ref-tok FILE (e.g. --compound-split)
+    bleu_ref_tok_flags: Sequence[str] = ()  # bleu flags right after --ref-tok FILE (--compound-split: an extra)
     bleu_detok_flags: Sequence[str] = ()  # bleu flags right after --detok-lang LANG (e.g. --lowercase)
 
     def train(self, argv: Optional[Sequence[str]] = None) -> int:
@@ -371,7 +372,7 @@ class BilingualRecipe:
         steps.append(Step("bleu", python_tool(
             "bleu", "--generate-output", eval_dir / "generate.out", "--ref-tok", meta["ref_tok"],
             *self.bleu_ref_tok_flags, "--ref-raw", meta["ref_raw"], "--detok-lang", tgt, *self.bleu_detok_flags,
-            "--hyp-out", eval_dir / f"test.hyp.{tgt}", "--primary", "tok_bleu", "--json", eval_dir / "bleu.json",
+            "--hyp-out", eval_dir / f"test.hyp.{tgt}", "--primary", "fairseq_bleu", "--json", eval_dir / "bleu.json",
             "--name", save_dir.name), env=tool_env()))
         Runner(eval_dir / ".stamps", args.dry_run, prog).run_all(steps)
         return 0

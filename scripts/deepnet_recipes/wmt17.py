@@ -4,12 +4,12 @@
     scripts/wmt17/train.sh SCHEME ENC_LAYERS DEC_LAYERS [GPUS [UPDATE_FREQ|auto]] [overrides] [-- fairseq flags]
     scripts/wmt17/evaluate.sh RUN_DIR [--average N] ...
 
-Data as fairseq's prepare-wmt14en2de.sh without --icml17 ("wmt17_en_de"): training = Europarl v7 +
-Common Crawl + News Commentary v12, test = newstest2014 (full, the "deen" SGML files), valid = every
-100th training pair (default; ``--valid newstest2013`` uses the official dev set instead). Moses-style
-normalization and tokenization (sacremoses, hyphens split as @-@ like tokenizer.perl -a), a joint
-SentencePiece BPE model (32k), pairs cleaned to 1-250 pieces with length ratio <= 1.5, binarized with
-``fairseq-preprocess --joined-dictionary``.
+Data step for step as fairseq's prepare-wmt14en2de.sh without --icml17 (deviations: docs/recipes.md):
+training = Europarl v7 + Common Crawl + News Commentary v12, punctuation-normalized, non-printing characters
+removed, Moses-tokenized with hyphens split as @-@ (tokenizer.perl -a, escaping on); test = newstest2014 (the
+full "deen" SGML files), only tokenized; valid = every 100th training pair (default; ``--valid newstest2013``
+uses the official dev set instead); a joint SentencePiece BPE model (40k; fairseq: subword-nmt, 40k merges);
+train/valid cleaned to 1-250 pieces with length ratio <= 1.5; ``fairseq-preprocess --joined-dictionary``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,27 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from deepnet_recipes.common import REPO, Runner, Step, cli, fetch_step, python_tool, start_prepare, tool_env
-from deepnet_recipes.training import TABLE1_SCHEMES as SCHEMES
-from deepnet_recipes.training import BilingualRecipe
+from deepnet_recipes.common import (
+    REPO,
+    Runner,
+    Step,
+    cli,
+    fetch_step,
+    python_tool,
+    recipe_parser,
+    start_prepare,
+    tool_env,
+)
+from deepnet_recipes.paper import FIG7_DEPTH, TABLE5_WMT17, Hparams, fig7_grid, wmt17_hparams
+from deepnet_recipes.paper import TABLE1_SCHEMES as SCHEMES
+from deepnet_recipes.training import (
+    BilingualRecipe,
+    TrainPlan,
+    add_train_overrides,
+    resolve_plan_numbers,
+    run_training,
+    split_extra,
+)
 
 HERE = Path(__file__).resolve().parent.parent / "wmt17"
 CHECKSUMS = HERE / "checksums.sha256"
@@ -36,8 +54,8 @@ ARCHIVES = {  # name: URL (the URLs of fairseq's prepare-wmt14en2de.sh)
 }
 CORPORA = ["training/europarl-v7.de-en", "commoncrawl.de-en", "training/news-commentary-v12.de-en"]
 DEPTHS = [6, 18, 50, 100]
-TARGET_TOKENS = 128 * 4096  # admin-torch's "huge batch" = DeepNet's WMT-17 setting (proxy, unconfirmed)
-MAX_TOKENS = 4096
+TARGET_TOKENS = TABLE5_WMT17.batch_tokens  # 128 x 4096 [Table 5]
+MAX_TOKENS = 4096  # per GPU per step; update-freq makes up the rest of the global batch
 DEFAULT_OUT = REPO / "runs" / "recipes" / "wmt17_en_de"
 
 
@@ -58,17 +76,21 @@ def prepare_steps(args: argparse.Namespace) -> List[Step]:
         steps.append(Step(f"concat-train-{lang}", python_tool("concat", text / f"train.raw.{lang}",
                                                               *[orig / f"{c}.{lang}" for c in CORPORA]), env=env))
         kind = "src" if lang == SRC else "ref"
+        # fairseq: grep '<seg id' | sed (strip the tags) | sed "s/’/'/g"
         steps.append(Step(f"test-{lang}", python_tool("sgm", orig / f"test-full/newstest2014-deen-{kind}.{lang}.sgm",
-                                                      text / f"test.raw.{lang}"), env=env))
+                                                      text / f"test.raw.{lang}", "--ascii-apostrophe"), env=env))
         if args.valid == "newstest2013":
             steps.append(Step(f"valid-{lang}", python_tool("concat", text / f"valid.raw.{lang}",
                                                            orig / f"dev/newstest2013.{lang}"), env=env))
     splits = ["train", "valid", "test"] if args.valid == "newstest2013" else ["train", "test"]
     for split in splits:
+        # fairseq: train = normalize-punctuation.perl | remove-non-printing-char.perl | tokenizer.perl -a;
+        # test = tokenizer.perl -a only (no normalization: it would change the tokenized reference)
+        clean_text = ["--normalize-punctuation", "--remove-non-printing"] if split == "train" else []
         for lang in (SRC, TGT):
             steps.append(Step(f"tokenize-{split}-{lang}", python_tool(
                 "tokenize", text / f"{split}.raw.{lang}", text / f"{split}.tok.{lang}", "--lang", lang,
-                "--aggressive", "--workers", args.workers), env=env))
+                *clean_text, "--aggressive", "--workers", args.workers), env=env))
     if args.valid == "train100":
         steps.append(Step("split-valid", python_tool(
             "split-every", "--src", text / f"train.tok.{SRC}", "--tgt", text / f"train.tok.{TGT}",
@@ -102,7 +124,8 @@ def prepare_steps(args: argparse.Namespace) -> List[Step]:
 def prepare_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--valid", choices=("train100", "newstest2013"), default="train100",
                         help="validation set: every 100th training pair (fairseq's script; default) or newstest2013")
-    parser.add_argument("--vocab-size", type=int, default=32000, help="joint SentencePiece BPE size (default 32000)")
+    parser.add_argument("--vocab-size", type=int, default=40000,
+                        help="joint SentencePiece BPE size (default 40000, the size of fairseq's 40k BPE merges)")
     parser.add_argument("--spm-sentences", type=int, default=10_000_000,
                         help="sentences sampled to train SentencePiece (default 10M)")
 
@@ -122,20 +145,20 @@ def prepare(argv: Optional[Sequence[str]] = None) -> int:
 
 
 # ---- train, evaluate ------------------------------------------------------------------------------
-def recipe_flags(scheme: str, encoder_layers: int, decoder_layers: int) -> List[str]:
+def recipe_flags(scheme: str, encoder_layers: int, decoder_layers: int,
+                 hparams: Optional[Hparams] = None) -> List[str]:
+    """fairseq-train flags: Table 5's column for ``scheme`` (or ``hparams``, e.g. a Fig. 7 / Table 6 point)."""
+    hp = hparams or wmt17_hparams(scheme)
     flags = [
         "--task", "translation", "--source-lang", SRC, "--target-lang", TGT,
-        "--arch", "deepnet_transformer",  # base: 512 / FFN 2048 / 8 heads [paper text]
-        "--residual-scheme", scheme, "--encoder-layers", str(encoder_layers), "--decoder-layers", str(decoder_layers),
-        "--share-all-embeddings",  # [proxy: admin-torch]
-        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--adam-eps", "1e-8", "--clip-norm", "0.0",
-        "--lr", "1.5e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4000", "--warmup-init-lr", "1e-7",
-        "--dropout", "0.4", "--weight-decay", "1e-4",
-        "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-        "--max-tokens", str(MAX_TOKENS), "--update-freq", "1", "--max-update", "100000",
+        "--arch", "deepnet_transformer", "--residual-scheme", scheme,
+        "--encoder-layers", str(encoder_layers), "--decoder-layers", str(decoder_layers),
+        *hp.flags(),  # {hp.table} of the paper
+        "--share-all-embeddings",  # joined dictionary [recipe choice]
+        "--max-tokens", str(MAX_TOKENS), "--update-freq", "1",
         "--fp16",  # mixed precision [paper text]
         "--stop-on-divergence-patience", "20",  # recipe choice: record divergence (exit 3) instead of crashing
-        "--keep-last-epochs", "10",  # the 10 epoch checkpoints that evaluate.sh averages [proxy: admin-torch]
+        "--keep-last-epochs", "10",  # the 10 epoch checkpoints evaluate.sh may average [recipe choice]
         "--seed", "1", "--log-format", "json", "--log-interval", "100", "--no-progress-bar",
     ]
     if scheme == "rezero":
@@ -143,11 +166,44 @@ def recipe_flags(scheme: str, encoder_layers: int, decoder_layers: int) -> List[
     return flags
 
 
+def fig7(argv: Optional[Sequence[str]] = None) -> int:
+    """Fig. 7 (Table 6): 18L-18L models with lr {5e-4, 1e-3, 1.5e-3}, batch {64, 128, 256} x 4096 and size
+    {512, 768, 1024}, one factor varied at a time around Table 6's defaults (7 runs per scheme)."""
+    argv, extra = split_extra(argv)
+    parser = recipe_parser("fig7.sh", fig7.__doc__)
+    parser.add_argument("gpus", type=int, nargs="?", default=8, help="GPUs per run (default 8)")
+    parser.add_argument("--schemes", default="deepnorm", help="comma-separated (default deepnorm)")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "recipes" / "wmt17_fig7",
+                        help="one run directory per (scheme, setting) under here")
+    add_train_overrides(parser)
+    args = parser.parse_args(argv)
+    schemes = [s for s in args.schemes.split(",") if s]
+    if not schemes:
+        parser.error("--schemes is empty")
+    if args.save_dir is not None:
+        parser.error("--save-dir: fig7.sh names one run directory per setting; use --out DIR")
+    code = 0
+    for scheme in schemes:
+        for name, hp in fig7_grid():
+            max_tokens, update_freq = resolve_plan_numbers(parser, args, args.gpus, "auto", MAX_TOKENS,
+                                                           hp.batch_tokens)
+            plan = TrainPlan(
+                recipe="wmt17", data=(args.data or default_data()).resolve(),
+                save_dir=(args.out / f"{scheme}-{FIG7_DEPTH}L-{FIG7_DEPTH}L-{name}").resolve(), scheme=scheme,
+                encoder_layers=FIG7_DEPTH, decoder_layers=FIG7_DEPTH, gpus=args.gpus, max_tokens=max_tokens,
+                update_freq=update_freq, target_tokens=hp.batch_tokens,
+                flags=recipe_flags(scheme, FIG7_DEPTH, FIG7_DEPTH, hp), info={"fig7": name, "table": hp.table},
+            )
+            code = max(code, run_training(plan, args, extra, "wmt17/fig7.sh"))
+    return code
+
+
 RECIPE = BilingualRecipe(
     name="wmt17", doc=__doc__, src=SRC, tgt=TGT, schemes=SCHEMES, max_tokens=MAX_TOKENS, target_tokens=TARGET_TOKENS,
     default_data=default_data(), flags=recipe_flags, gpus=8,
     update_freq_help="gradient accumulation; 'auto' (default) keeps the 128 x 4096-token global batch",
-    # evaluate: average the last 10 epoch checkpoints, beam 4, lenpen 0.6, compound-split tokenized BLEU
+    # evaluate: the paper states none of these [recipe choice, from admin-torch's eval_wmt_en-de.sh]: average the
+    # last 10 epoch checkpoints, beam 4, lenpen 0.6; primary = fairseq-generate's BLEU (compound split: an extra)
     average=10, beam=4, lenpen=0.6, eval_tools=["fairseq-generate", "deepnet-average-checkpoints"],
     bleu_ref_tok_flags=["--compound-split"],
 )
@@ -155,7 +211,7 @@ train = RECIPE.train
 evaluate = RECIPE.evaluate
 
 
-ACTIONS = {"prepare": prepare, "train": train, "evaluate": evaluate}
+ACTIONS = {"prepare": prepare, "train": train, "evaluate": evaluate, "fig7": fig7}
 
 
 if __name__ == "__main__":
