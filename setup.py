@@ -23,6 +23,8 @@ setup(
         "sentencepiece",
         "matplotlib",
     ],
+    # --ddp-backend fully_sharded (the 1000-layer recipe): GPU machines only, not installed by make
+    extras_require={"fsdp": ["fairscale==0.4.13"]},
     entry_points={
         "console_scripts": [
             "deepnet-average-checkpoints=deepnet_fairseq.cli.average_checkpoints:main",
