@@ -186,3 +186,12 @@ def logged_updates(stdout: str) -> dict:
         record = json.loads(line[start:])
         losses[int(record["num_updates"])] = float(record["loss"])
     return losses
+
+
+def causes(err: BaseException) -> str:
+    """The messages of an exception and of everything it was raised from (fairseq re-raises)."""
+    messages = []
+    while err is not None:
+        messages.append(f"{type(err).__name__}: {err}")
+        err = err.__cause__ or err.__context__
+    return "\n".join(messages)

@@ -82,10 +82,10 @@ def test_smoke_run_writes_results(tmp_path: Path, capsys) -> None:
             assert memory["states_fsdp8_gib"] * 8 == memory["states_unsharded_gib"]
 
     serve = data["serve.json"]
-    assert [run["beam"] for run in serve["runs"]] == [1, 5]
-    for run in serve["runs"]:
-        assert set(run["engines"]) == {"fairseq", "ctranslate2_float32", "ctranslate2_int8"}
-        for engine in run["engines"].values():
+    assert [beam_run["beam"] for beam_run in serve["runs"]] == [1, 5]
+    for beam_run in serve["runs"]:
+        assert set(beam_run["engines"]) == {"fairseq", "ctranslate2_float32", "ctranslate2_int8"}
+        for engine in beam_run["engines"].values():
             assert engine["sentences_per_s"] > 0 and 0 <= engine.get("identical_to_fairseq", 1.0) <= 1
 
     summary = (out / "summary.md").read_text()

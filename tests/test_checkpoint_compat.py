@@ -15,7 +15,7 @@ from fairseq.dataclass.configs import EMAConfig
 from fairseq.models.ema import EMA
 
 import deepnet_fairseq  # noqa: F401
-from conftest import train_args
+from conftest import causes, train_args
 from deepnet_fairseq.checkpoints import average_checkpoints, average_state_dicts, load_checkpoint
 from deepnet_fairseq.cli.average_checkpoints import main as average_main
 from deepnet_fairseq.scheme_record import SchemeMismatchError
@@ -35,15 +35,6 @@ def train_in_process(argv, monkeypatch) -> None:
     with monkeypatch.context() as patch:
         patch.setattr(sys, "argv", ["fairseq-train", *map(str, argv)])
         train.cli_main()
-
-
-def causes(err: BaseException) -> str:
-    """The messages of an exception and of everything it was raised from (fairseq re-raises)."""
-    messages = []
-    while err is not None:
-        messages.append(f"{type(err).__name__}: {err}")
-        err = err.__cause__ or err.__context__
-    return "\n".join(messages)
 
 
 # ---------------------------------------------------------------------------------------------------

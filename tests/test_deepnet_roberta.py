@@ -21,7 +21,7 @@ from fairseq.data.encoders.characters import Characters
 from fairseq.models.roberta import RobertaModel
 
 import deepnet_fairseq  # noqa: F401
-from conftest import REPO, USER_DIR, fairseq_main, logged_updates
+from conftest import REPO, USER_DIR, causes, fairseq_main, logged_updates
 from deepnet_fairseq.models.deepnet_roberta import DeepNetRobertaModel
 from deepnet_fairseq.scheme_record import (
     RECORD_ATTRIBUTE,
@@ -42,15 +42,6 @@ COMMON = ("--user-dir", USER_DIR, "--optimizer", "adam", "--cpu", "--seed", "1",
           "--log-format", "json", "--log-interval", "1", "--num-workers", "0", "--no-epoch-checkpoints")
 PRETRAIN_UPDATES = 40
 FINETUNE_UPDATES = 40
-
-
-def causes(err: BaseException) -> str:
-    """The messages of an exception and of everything it was raised from (fairseq re-raises)."""
-    messages = []
-    while err is not None:
-        messages.append(f"{type(err).__name__}: {err}")
-        err = err.__cause__ or err.__context__
-    return "\n".join(messages)
 
 
 def encoder_only(n):
