@@ -43,15 +43,16 @@ from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import AnyNode
 
 from deepnet_fairseq.scheme_record import (
+    RECORD_STATE_KEY,
     SchemeMismatchError,
-    apply_overrides,
     architecture,
+    attach_record,
     describe,
     record_from_model_config,
     records_match,
-    stamp_record,
     stored_model_config,
 )
+from deepnet_fairseq.schemes import DeepNetConfigError
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct, scalar
@@ -105,11 +106,16 @@ def checkpoint_globals(path: PathLike) -> Set[str]:
     return set(torch.serialization.get_unsafe_globals_in_checkpoint(os.fspath(path)))
 
 
-def load_checkpoint(path: PathLike) -> dict:
-    """Load a checkpoint on CPU through the safe (``weights_only=True``) unpickler."""
+def load_checkpoint(path: PathLike, mmap: bool = False) -> dict:
+    """Load a checkpoint on CPU through the safe (``weights_only=True``) unpickler.
+
+    ``mmap=True`` maps the tensors' storage instead of reading it (zip-format files, torch >= 1.6; other
+    files are read): cheap when only the configuration or counters are needed.
+    """
     install_checkpoint_allowlist()
     try:
-        return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        mmap = mmap and zipfile.is_zipfile(os.fspath(path))
+        return torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise
     except Exception as err:  # torch raises UnpicklingError/RuntimeError for refused or corrupt files
@@ -236,6 +242,7 @@ def install_crash_safe_checkpoint_io() -> None:
       (:mod:`deepnet_fairseq.scheme_record`).
     """
     from fairseq import checkpoint_utils
+    from fairseq.distributed import utils as distributed_utils
     from fairseq.file_io import PathManager
 
     if getattr(PathManager.copy, "_deepnet_safe", False):
@@ -252,15 +259,18 @@ def install_crash_safe_checkpoint_io() -> None:
         return True
 
     def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
-        state = read(path, load_on_all_ranks)
-        # the record of what the checkpoint was trained as, before --model-overrides change its config
-        stamp_record(state)
-        apply_overrides(state, arg_overrides)
+        state = read(path, arg_overrides, load_on_all_ranks)
+        # what the checkpoint was trained as: its configuration as stored, before --model-overrides
+        stored = load_checkpoint(PathManager.get_local_path(path), mmap=True)
+        try:
+            attach_record(state, record_from_model_config(stored_model_config(stored)), arg_overrides)
+        except DeepNetConfigError as err:
+            raise CheckpointLoadError(f"checkpoint {path}: its stored model configuration is refused: {err}") from err
         return state
 
-    def read(path, load_on_all_ranks):
+    def read(path, arg_overrides, load_on_all_ranks):
         try:
-            return fairseq_load(path, None, load_on_all_ranks)
+            return fairseq_load(path, arg_overrides, load_on_all_ranks)
         except FileNotFoundError:
             raise
         except pickle.UnpicklingError as err:
@@ -273,6 +283,16 @@ def install_crash_safe_checkpoint_io() -> None:
                 "Use an earlier checkpoint (e.g. checkpointN.pt) or remove it to start afresh."
             ) from err
 
+    def broadcast_object(obj, *args, **kwargs):
+        # rank 0 broadcasts a loaded checkpoint to every rank (itself included) as rebuilt plain dicts:
+        # put the record back on the weights (it also travels as a top-level entry of the state)
+        result = fairseq_broadcast(obj, *args, **kwargs)
+        if isinstance(result, dict) and isinstance(result.get(RECORD_STATE_KEY), dict):
+            attach_record(result, result[RECORD_STATE_KEY], {})
+        return result
+
+    fairseq_broadcast = distributed_utils.broadcast_object
+    distributed_utils.broadcast_object = broadcast_object
     copy._deepnet_safe = True
     PathManager.copy = staticmethod(copy)
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu

@@ -112,9 +112,9 @@ class DivergenceGuard:
     def judge_checkpoint(self, path: str) -> Tuple[bool, str]:
         """``(known good, what is known)`` for one checkpoint file; see the module docstring."""
         try:
-            state = load_checkpoint(path)
+            state = load_checkpoint(path, mmap=True)  # counters only: the weights are mapped, not read
             updates = int(state["optimizer_history"][-1]["num_updates"])
-        except (RuntimeError, KeyError, IndexError, TypeError) as err:
+        except (RuntimeError, OSError, KeyError, IndexError, TypeError) as err:
             return False, f"unreadable ({type(err).__name__}: {err})"
         val_loss = (state.get("extra_state") or {}).get("val_loss")
         facts = [f"update {updates}"]

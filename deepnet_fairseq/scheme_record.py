@@ -35,6 +35,8 @@ import logging
 import math
 from typing import Dict, Mapping, Optional
 
+from torch import nn
+
 from deepnet_fairseq.schemes import DeepNetConfigError
 
 logger = logging.getLogger(__name__)
@@ -42,8 +44,9 @@ logger = logging.getLogger(__name__)
 Record = Dict[str, Dict[str, object]]
 
 RECORD_ATTRIBUTE = "residual_scheme_record"
+RECORD_STATE_KEY = "deepnet_residual_scheme_record"
 NATIVE_NETWORKS = ("post-ln", "pre-ln")
-SHOWN_ONLY = ("scheme", "init")
+SHOWN_ONLY = ("scheme", "init", "stock")
 ALLOW_FLAG = "--allow-residual-scheme-change"
 
 
@@ -54,8 +57,12 @@ class SchemeMismatchError(DeepNetConfigError):
 def _as_namespace(model_cfg) -> argparse.Namespace:
     from omegaconf import OmegaConf
 
+    if model_cfg is None:
+        return argparse.Namespace()
+
     if OmegaConf.is_config(model_cfg):
-        return argparse.Namespace(**OmegaConf.to_container(model_cfg, resolve=True))
+        # unresolved: only a few plain fields are read, and an interpolation elsewhere must not fail a load
+        return argparse.Namespace(**OmegaConf.to_container(model_cfg, resolve=False))
     if isinstance(model_cfg, Mapping):  # dataclass models' cfg.model as fairseq saves it
         return argparse.Namespace(**model_cfg)
     return argparse.Namespace(**vars(model_cfg))
@@ -93,7 +100,7 @@ def record_from_model_config(model_cfg) -> Optional[Record]:
         record = {}
         for side in sides:
             network = "pre-ln" if getattr(args, f"{side}_normalize_before", False) else "post-ln"
-            record[side] = {"scheme": network, "network": network, "init": {}}
+            record[side] = {"scheme": network, "network": network, "init": {}, "stock": True}
         return record
     from deepnet_fairseq.models.options import build_schemes, fill_option_defaults
 
@@ -151,17 +158,21 @@ def records_match(a: Mapping, b: Mapping) -> bool:
     return True
 
 
-def check_loaded_record(model, record: Optional[Mapping], model_cfg) -> None:
+def check_loaded_record(model: nn.Module, record: Optional[Mapping], model_cfg: object) -> None:
     """Refuse loading a checkpoint with ``record`` into ``model`` when they compute different networks.
 
-    ``model`` is any fairseq model: this plugin's models carry ``residual_scheme_record``; fairseq's own
-    models compute ``post-ln``/``pre-ln`` networks, read from ``model_cfg`` (the configuration the model
-    is loaded under), which may also set ``allow_residual_scheme_change`` (this plugin's models only).
+    ``model`` is any fairseq model.  This plugin's models carry ``residual_scheme_record``.  fairseq's
+    own models compute ``post-ln``/``pre-ln`` networks, read from their built layers
+    (``normalize_before``): they refuse other schemes, and a checkpoint of this plugin's models whose
+    LayerNorm placement differs (a stock checkpoint's stored configuration may lack the defaults its
+    architecture fills in, so stock-to-stock loads are left to fairseq).  ``model_cfg`` (the
+    configuration the model is loaded under) may set ``allow_residual_scheme_change``.
     Raises :class:`SchemeMismatchError`.
     """
     if not record:
         return
     own = model.__dict__.get("residual_scheme_record")
+    allowed = bool(_option(model_cfg, "allow_residual_scheme_change"))
     if own is None:
         foreign = {side: entry for side, entry in record.items() if entry.get("network") not in NATIVE_NETWORKS}
         if foreign:
@@ -170,12 +181,15 @@ def check_loaded_record(model, record: Optional[Mapping], model_cfg) -> None:
                 "cannot compute: load it with --user-dir deepnet_fairseq into the deepnet architecture it was "
                 "trained with (same --residual-scheme/--deepnorm flags)"
             )
-        own = record_from_model_config(model_cfg) if model_cfg is not None else None
-        if own is None or set(own) != set(record) or records_match(own, record):
+        built = _layer_norm_placement(model)
+        differ = [side for side, entry in record.items()
+                  if not entry.get("stock") and side in built and built[side] != entry["network"]]
+        if not differ or allowed:
             return
         raise SchemeMismatchError(
             f"the checkpoint was trained with {describe(record)}, but this {type(model).__name__} is built with "
-            f"{describe(own)} (--*-normalize-before): the same weights would compute a different network"
+            + ", ".join(f"{side} {built[side]}" for side in differ)
+            + " (--*-normalize-before): the same weights would compute a different network"
         )
     if records_match(own, record):
         return
@@ -184,10 +198,22 @@ def check_loaded_record(model, record: Optional[Mapping], model_cfg) -> None:
         "the same weights would compute a different network. Use the checkpoint's settings, or pass "
         f"{ALLOW_FLAG} if you mean to change them"
     )
-    if _option(model_cfg, "allow_residual_scheme_change"):
+    if allowed:
         logger.warning("%s (allowed by %s)", message, ALLOW_FLAG)
         return
     raise SchemeMismatchError(message)
+
+
+def _layer_norm_placement(model) -> Dict[str, str]:
+    """``{side: "pre-ln" | "post-ln"}`` of a fairseq Transformer's built layers (sides it has)."""
+    placement = {}
+    for side in ("encoder", "decoder"):
+        stack = getattr(model, side, None)
+        stack = getattr(stack, "sentence_encoder", stack)  # RoBERTa
+        layers = getattr(stack, "layers", None)
+        if layers is not None and len(layers) and hasattr(layers[0], "normalize_before"):
+            placement[side] = "pre-ln" if layers[0].normalize_before else "post-ln"
+    return placement
 
 
 def _option(cfg, name: str):
@@ -199,25 +225,27 @@ def _option(cfg, name: str):
         return None
 
 
-def stored_model_config(state: Mapping):
+def stored_model_config(state: Mapping) -> object:
     """The model configuration a checkpoint stores: ``cfg.model`` (or ``args`` of old checkpoints)."""
     cfg = state.get("cfg")
     return cfg.get("model") if cfg is not None else state.get("args")
 
 
-def stamp_record(state: dict) -> None:
-    """Attach the record of a loaded checkpoint ``state`` (as stored, before any override) to
-    ``state["model"]`` as :data:`RECORD_ATTRIBUTE`, and drop the ``allow_residual_scheme_change`` the
-    checkpoint stored: it allowed one earlier load, not every later one."""
-    model_cfg = stored_model_config(state)
-    record = record_from_model_config(model_cfg)
+def attach_record(state: dict, record: Optional[Record], arg_overrides: Optional[Mapping]) -> None:
+    """Attach a loaded checkpoint's ``record`` to ``state["model"]`` (as :data:`RECORD_ATTRIBUTE`, and to
+    ``state`` as :data:`RECORD_STATE_KEY`, which survives fairseq's broadcast of the state to every
+    rank), and drop the ``allow_residual_scheme_change`` the checkpoint stored unless this load's
+    ``arg_overrides`` set it: a stored permission allowed one earlier load, not every later one."""
     weights = state.get("model")
     if record is None or not isinstance(weights, Mapping):
         return
     if not isinstance(weights, collections.OrderedDict):  # a plain dict cannot carry an attribute
         weights = state["model"] = collections.OrderedDict(weights)
     setattr(weights, RECORD_ATTRIBUTE, record)
-    for config in (state.get("args"), model_cfg):
+    state[RECORD_STATE_KEY] = record
+    if "allow_residual_scheme_change" in (arg_overrides or {}):
+        return
+    for config in (state.get("args"), stored_model_config(state)):
         if config is not None and _option(config, "allow_residual_scheme_change"):
             _set_option(config, "allow_residual_scheme_change", False)
 
@@ -230,20 +258,6 @@ def _set_option(config, name: str, value) -> None:
         config[name] = value
 
 
-def apply_overrides(state: dict, arg_overrides: Optional[Dict[str, object]]) -> None:
-    """Apply ``--model-overrides``/hub keyword overrides to a loaded checkpoint's configuration, as
-    fairseq's ``load_checkpoint_to_cpu`` does (``args`` attributes, ``cfg`` by name)."""
-    if not arg_overrides:
-        return
-    from fairseq.dataclass.utils import overwrite_args_by_name
-
-    if state.get("args") is not None:
-        for name, value in arg_overrides.items():
-            setattr(state["args"], name, value)
-    if state.get("cfg") is not None:
-        overwrite_args_by_name(state["cfg"], arg_overrides)
-
-
 def install_record_check() -> None:
     """Make every fairseq model check a state dict's :data:`RECORD_ATTRIBUTE` in ``load_state_dict``
     (idempotent)."""
@@ -254,7 +268,8 @@ def install_record_check() -> None:
     fairseq_load_state_dict = BaseFairseqModel.load_state_dict
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        check_loaded_record(self, getattr(state_dict, RECORD_ATTRIBUTE, None), model_cfg)
+        config = model_cfg if model_cfg is not None else args
+        check_loaded_record(self, getattr(state_dict, RECORD_ATTRIBUTE, None), config)
         return fairseq_load_state_dict(self, state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
     load_state_dict._deepnet_record_check = True

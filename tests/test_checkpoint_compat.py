@@ -258,14 +258,16 @@ def test_stock_model_refuses_a_checkpoint_with_the_other_layer_norm_placement(tr
 
     from deepnet_fairseq.scheme_record import check_loaded_record, record_from_model_config
 
-    stock_model, _ = build(tiny_data, *STOCK_TINY, "--encoder-layers", 2, "--decoder-layers", 2, arch="transformer")
-    post_ln = record_from_model_config(load_checkpoint(trained / "stock" / "checkpoint_last.pt")["cfg"]["model"])
-    pre_ln_cfg = argparse.Namespace(arch="transformer", encoder_layers=2, decoder_layers=2,
-                                    encoder_normalize_before=True, decoder_normalize_before=True)
-    with pytest.raises(SchemeMismatchError, match="is built with encoder pre-ln"):
-        check_loaded_record(stock_model, post_ln, pre_ln_cfg)
-    check_loaded_record(stock_model, post_ln, argparse.Namespace(arch="transformer", encoder_layers=2,
-                                                                 decoder_layers=2))
+    pre_ln_model, _ = build(tiny_data, *STOCK_TINY, "--encoder-layers", 2, "--decoder-layers", 2,
+                            "--encoder-normalize-before", "--decoder-normalize-before", arch="transformer")
+    postln_cfg = load_checkpoint(trained / "postln" / "checkpoint_last.pt")["cfg"]["model"]
+    deepnet_post_ln = record_from_model_config(postln_cfg)
+    with pytest.raises(SchemeMismatchError, match="is built with encoder pre-ln, decoder pre-ln"):
+        check_loaded_record(pre_ln_model, deepnet_post_ln, None)
+    check_loaded_record(pre_ln_model, deepnet_post_ln, argparse.Namespace(allow_residual_scheme_change=True))
+    # a stock checkpoint's stored configuration may lack its architecture's defaults: left to fairseq
+    stock_post_ln = record_from_model_config(load_checkpoint(trained / "stock" / "checkpoint_last.pt")["cfg"]["model"])
+    check_loaded_record(pre_ln_model, stock_post_ln, None)
 
 
 def test_averaging_dataclass_model_configs_stored_as_dicts(trained, tmp_path):
@@ -280,3 +282,51 @@ def test_averaging_dataclass_model_configs_stored_as_dicts(trained, tmp_path):
     average_checkpoints(paths[:2], tmp_path / "avg.pt")
     with pytest.raises(SchemeMismatchError, match="decoder deepnorm.*but .*c.pt with decoder post-ln"):
         average_checkpoints([paths[0], paths[2]], tmp_path / "avg2.pt")
+
+
+def test_record_survives_fairseq_broadcast_of_the_state_to_every_rank(trained, tiny_data):
+    """Multi-GPU resume: rank 0 loads, then fairseq's broadcast_object rebuilds the state as plain dicts."""
+    import socket
+
+    from fairseq.distributed import utils as distributed_utils
+
+    from deepnet_fairseq.scheme_record import RECORD_ATTRIBUTE
+
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(trained / "deepnorm" / "checkpoint_last.pt"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        received = distributed_utils.broadcast_object(state, src_rank=0, group=distributed_utils.get_global_group())
+    finally:
+        torch.distributed.destroy_process_group()
+    assert getattr(received["model"], RECORD_ATTRIBUTE)["decoder"]["alpha"] == pytest.approx(1.5650845800732873)
+    plain, _ = build(tiny_data, "--encoder-layers", 2, "--decoder-layers", 2)
+    with pytest.raises(SchemeMismatchError):
+        plain.load_state_dict(received["model"], strict=True, model_cfg=None)
+
+
+def test_averaging_checkpoints_without_a_stored_config(tmp_path):
+    paths = []
+    for name in ("a", "b"):
+        paths.append(tmp_path / f"{name}.pt")
+        torch.save({"model": {"w": torch.ones(2)}}, paths[-1])
+    result = average_checkpoints(paths, tmp_path / "avg.pt")
+    torch.testing.assert_close(result["model"]["w"], torch.ones(2))
+
+
+def test_overrides_of_an_args_era_checkpoint_are_applied_as_fairseq_does(tiny_data, tmp_path):
+    """Checkpoints from before fairseq 0.10 store ``args``: fairseq applies --model-overrides to them
+    before upgrading them to ``cfg`` (``max_positions`` becomes ``max_source_positions`` there)."""
+    from fairseq import options
+
+    parser = options.get_training_parser(default_task="translation")
+    args = options.parse_args_and_arch(parser, [str(tiny_data), "--arch", "transformer", "--cpu"])
+    path = tmp_path / "args_era.pt"
+    torch.save({"args": args, "model": {"w": torch.zeros(1)}, "extra_state": {"train_iterator": {"epoch": 1}},
+                "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": "Adam",
+                                       "lr_scheduler_state": {"best": 0.0}, "num_updates": 1}],
+                "last_optimizer_state": None}, path)
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(path), {"max_positions": 77})
+    assert state["cfg"]["task"].max_source_positions == 77

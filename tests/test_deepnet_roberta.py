@@ -26,8 +26,8 @@ from deepnet_fairseq.models.deepnet_roberta import DeepNetRobertaModel
 from deepnet_fairseq.scheme_record import (
     RECORD_ATTRIBUTE,
     SchemeMismatchError,
+    attach_record,
     record_from_model_config,
-    stamp_record,
 )
 from deepnet_fairseq.schemes import SCHEME_NAMES, DeepNetConfigError
 from modelkit import build, check_ln_inputs, pooled_std, xavier_std
@@ -383,9 +383,9 @@ def _parsed(corpus, arch, *flags):
 
 def test_stock_roberta_configs_have_a_native_encoder_record(corpus):
     post = {"encoder": {"scheme": "post-ln", "network": "post-ln", "init": {}}}
-    assert record_from_model_config(_parsed(corpus, "roberta")) == post
+    assert record_from_model_config(_parsed(corpus, "roberta")) == {"encoder": {**post["encoder"], "stock": True}}
     assert record_from_model_config(_parsed(corpus, "roberta_prenorm")) == {
-        "encoder": {"scheme": "pre-ln", "network": "pre-ln", "init": {}}}
+        "encoder": {"scheme": "pre-ln", "network": "pre-ln", "init": {}, "stock": True}}
     assert record_from_model_config(_parsed(corpus, "deepnet_roberta_tiny")) == post
     deepnorm = record_from_model_config(_parsed(corpus, "deepnet_roberta_tiny", "--deepnorm"))
     assert set(deepnorm) == {"encoder"} and deepnorm["encoder"]["alpha"] == pytest.approx(encoder_only(2)[0])
@@ -393,7 +393,7 @@ def test_stock_roberta_configs_have_a_native_encoder_record(corpus):
 
 def _stamped(model, cfg) -> dict:
     state = {"args": None, "cfg": {"model": cfg}, "model": model.state_dict()}
-    stamp_record(state)
+    attach_record(state, record_from_model_config(cfg), None)
     return state["model"]
 
 
