@@ -103,6 +103,9 @@ OUTPUT_NORM = {"self_attn": "self_attn_layer_norm", "encoder_attn": "encoder_att
 SCHEME_STATE_PREFIXES = ("admin_omega_", "admin_profiled")
 # options that only matter for training; the exported model is for inference
 TRAINING_ONLY_OPTIONS = {"checkpoint_activations": False, "offload_activations": False}
+# tasks whose dictionaries are fairseq's ``Dictionary`` read from dict files, which list no special symbols:
+# their padding index is the one ``Dictionary()`` gives itself
+DICTIONARY_FILE_TASKS = ("translation", "language_modeling", "translation_multi_simple_epoch")
 
 
 class ExportError(ValueError):
@@ -162,13 +165,21 @@ def deepnet_model_name(config: Mapping[str, Any]) -> str:
     return model
 
 
-def check_exportable(config: Mapping[str, Any]) -> Dict[str, Dict[str, object]]:
+def check_exportable(config: Mapping[str, Any], source: str = "") -> Dict[str, Dict[str, object]]:
     """The residual-scheme record of a deepnet model configuration, or :class:`ExportError`.
 
-    Refuses other architectures, :data:`REFUSED` schemes and options the folding does not cover.
+    Refuses other architectures, configurations without integer layer counts (``source``, the
+    checkpoint's file, is named), :data:`REFUSED` schemes and options the folding does not cover.
     """
     deepnet_model_name(config)
     record = record_from_model_config(argparse.Namespace(**config))
+    if record is None:
+        layers = {f"--{side}-layers": config.get(f"{side}_layers") for side in ("encoder", "decoder")}
+        raise ExportError(
+            f"{source or 'the checkpoint'}: its model configuration has no integer layer count "
+            f"({', '.join(f'{flag}={value!r}' for flag, value in layers.items())}), so its residual scheme "
+            "and the folding cannot be determined"
+        )
     for side, entry in record.items():
         scheme = entry["scheme"]
         if scheme in REFUSED:
@@ -245,6 +256,23 @@ def sublayers_of(side: str, state_dict: Mapping[str, Tensor]) -> Tuple[str, ...]
     return SUBLAYERS[side]
 
 
+def dictionary_padding_index(task: Optional[str]) -> int:
+    """The padding index of ``task``'s dictionaries (the stored ``--task``), or :class:`ExportError`.
+
+    The model configuration does not store it (a ``pad`` there is fairseq's BLEU scorer's option), and
+    the stock model sizes its learned position table by it; only :data:`DICTIONARY_FILE_TASKS` fix it.
+    """
+    if task not in DICTIONARY_FILE_TASKS:
+        raise ExportError(
+            f"--task {task or '(none stored)'}: the export cannot tell the padding index of its dictionary, "
+            "which the learned position table replacing the sinusoidal positions needs (its size and zero "
+            f"row); it knows the tasks {', '.join(DICTIONARY_FILE_TASKS)}"
+        )
+    from fairseq.data import Dictionary
+
+    return Dictionary().pad()
+
+
 def sinusoid_table(rows: int, dim: int, padding_idx: int) -> Tensor:
     """fairseq's sinusoidal position table (the buffer its ``SinusoidalPositionalEmbedding`` computes)."""
     from fairseq.modules import SinusoidalPositionalEmbedding
@@ -259,9 +287,11 @@ def _scaled(tensor: Tensor, scale: Tensor, divide: bool = False) -> Tensor:
 
 
 def scale_embedding_output(
-    state: Dict[str, Tensor], config: Dict[str, Any], side: str, scale: Tensor
+    state: Dict[str, Tensor], config: Dict[str, Any], side: str, scale: Tensor, task: Optional[str]
 ) -> None:
-    """Make ``side``'s embedding output ``scale * x_0`` (in place on ``state``/``config``; see module doc)."""
+    """Make ``side``'s embedding output ``scale * x_0`` (in place on ``state``/``config``; see module doc).
+
+    ``task`` (the stored ``--task``) gives the padding index when sinusoidal positions become a table."""
     norm = f"{side}.layernorm_embedding"
     if f"{norm}.weight" in state:
         state[f"{norm}.weight"] = _scaled(state[f"{norm}.weight"], scale)
@@ -284,18 +314,19 @@ def scale_embedding_output(
     # what fairseq's build_model puts in a configuration without them (a language model: tokens_per_sample)
     limit = (config.get("max_source_positions") or DEFAULT_MAX_SOURCE_POSITIONS if side == "encoder"
              else config.get("max_target_positions") or config.get("tokens_per_sample") or DEFAULT_MAX_TARGET_POSITIONS)
-    padding_idx = int(config.get("pad", 1))
+    padding_idx = dictionary_padding_index(task)
     sinusoid = sinusoid_table(int(limit) + padding_idx + 1, int(config[f"{side}_embed_dim"]), padding_idx)
     state[positions] = _scaled(sinusoid.to(state[f"{side}.embed_tokens.weight"].dtype), scale)
     config[f"{side}_learned_pos"] = True
 
 
 def fold_residual_weights(
-    state_dict: Mapping[str, Tensor], config: Mapping[str, Any], weights: Weights
+    state_dict: Mapping[str, Tensor], config: Mapping[str, Any], weights: Weights, task: Optional[str]
 ) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
     """``(state dict, config)`` of the stock Post-LN network equal to the deepnet one (module docstring).
 
-    ``weights`` comes from :func:`residual_weights`; sides not in it are copied.  Scheme state (Admin's
+    ``weights`` comes from :func:`residual_weights`; sides not in it are copied; ``task`` is the stored
+    ``--task`` (:func:`dictionary_padding_index`).  Scheme state (Admin's
     omega vectors and profiling flag) is dropped.  Tied token tables are untied where their scales differ.
     """
     state = {k: v for k, v in state_dict.items() if not _is_scheme_state(k)}
@@ -307,7 +338,7 @@ def fold_residual_weights(
         previous: Optional[Tuple[int, str]] = None
         for index, sublayer, w in chain:
             if previous is None:
-                scale_embedding_output(state, new_config, side, w)
+                scale_embedding_output(state, new_config, side, w, task)
             else:
                 norm = f"{side}.layers.{previous[0]}.{OUTPUT_NORM[previous[1]]}"
                 state[f"{norm}.weight"] = _scaled(state[f"{norm}.weight"], w)
@@ -366,10 +397,15 @@ def _retie(state: Dict[str, Tensor], new_config: Dict[str, Any], config: Mapping
         state["decoder.output_projection.weight"] = decoder
 
 
-def stock_model_config(config: Mapping[str, Any]) -> Dict[str, Any]:
+def stock_model_config(config: Mapping[str, Any], record: Mapping[str, Mapping[str, object]]) -> Dict[str, Any]:
     """The folded configuration as fairseq's ``transformer`` (``transformer_lm``): model renamed, this
-    plugin's options removed, training-only options off.  Keys the configuration lacks are not added
-    (a dataclass model's configuration must hold only its dataclass's fields)."""
+    plugin's options removed, training-only options off, and ``--*-normalize-before`` set for each side
+    of ``record`` exactly when its network is ``pre-ln``.  Other keys the configuration lacks are not added
+    (a dataclass model's configuration must hold only its dataclass's fields).
+
+    The stored flag cannot be trusted: the Pre-LN scheme switches it on only in the object the model is
+    built from, which is a copy of the stored configuration for a dataclass model (``deepnet_lm``) and
+    under ``fairseq-hydra-train``."""
     from deepnet_fairseq.models.options import OPTION_DEFAULTS
 
     stock_name = STOCK_MODELS[deepnet_model_name(config)]
@@ -381,6 +417,8 @@ def stock_model_config(config: Mapping[str, Any]) -> Dict[str, Any]:
     if "user_dir" in stock:
         stock["user_dir"] = None
     stock.update({k: v for k, v in TRAINING_ONLY_OPTIONS.items() if k in stock})
+    for side, entry in record.items():
+        stock[f"{side}_normalize_before"] = entry["network"] == "pre-ln"
     return stock
 
 
@@ -395,12 +433,14 @@ def export_state(state: Mapping[str, Any], source: str = "") -> Dict[str, Any]:
     if cfg is None:
         raise ExportError("the checkpoint has no cfg: not a checkpoint of fairseq >= 0.10 (this plugin's fairseq)")
     config = model_config_dict(cfg["model"])
-    record = check_exportable(config)
+    record = check_exportable(config, source)
     model = state.get("model")
     if not isinstance(model, Mapping):
         raise ExportError("the checkpoint has no model weights ('model' entry)")
-    folded, folded_config = fold_residual_weights(model, config, residual_weights(record, model, config))
-    out_cfg = plain({**cfg, "model": stock_model_config(folded_config)}, "cfg")
+    task = cfg.get("task")  # a dict, a DictConfig, or the Namespace of a task without a dataclass
+    task = model_config_dict(task).get("_name") if task is not None else None
+    folded, folded_config = fold_residual_weights(model, config, residual_weights(record, model, config), task)
+    out_cfg = plain({**cfg, "model": stock_model_config(folded_config, record)}, "cfg")
     if isinstance(out_cfg.get("common"), dict):
         out_cfg["common"]["user_dir"] = None
     history = state.get("optimizer_history") or [{}]

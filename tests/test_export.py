@@ -358,6 +358,63 @@ def test_refusals_name_the_reason(tiny_data) -> None:
         export_state(state)
 
 
+@pytest.mark.parametrize("stored", ["absent", "false"])
+def test_pre_ln_exported_when_the_stored_config_lacks_normalize_before(stored, tiny_data, tmp_path) -> None:
+    """Under fairseq-hydra-train the Pre-LN scheme switches --*-normalize-before on in a copy of the stored
+    configuration only: the export sets it from the residual-scheme record, so stock fairseq builds Pre-LN."""
+    model, task, args = build(tiny_data, *SMALL, "--residual-scheme", "pre-ln")
+    perturbed(model)
+    state = checkpoint_state(args, model)
+    stored_model = state["cfg"]["model"] = dict(vars(state["cfg"]["model"]))  # hydra stores a DictConfig
+    for side in ("encoder", "decoder"):
+        if stored == "absent":
+            del stored_model[f"{side}_normalize_before"]
+        else:
+            stored_model[f"{side}_normalize_before"] = False
+    torch.save(export_state(state), tmp_path / "exported.pt")
+    stock, cfg, _ = load_stock(tmp_path / "exported.pt")
+    assert cfg.model.encoder_normalize_before is True and cfg.model.decoder_normalize_before is True
+    batch = padded_batch(task)
+    assert (log_probs(model, *batch) - log_probs(stock, *batch)).abs().max().item() == 0.0
+
+
+def test_sinusoidal_table_uses_the_dictionary_padding_index(tiny_data, tmp_path) -> None:
+    """The exported position table is sized by the dictionary's padding index, not by the stored ``pad``
+    (fairseq's BLEU scorer option, here 5)."""
+    model, task, args = build(tiny_data, *SMALL, "--deepnorm", "--pad", "5")
+    perturbed(model)
+    exported = export_state(checkpoint_state(args, model))
+    pad = task.source_dictionary.pad()
+    assert exported["model"]["encoder.embed_positions.weight"].shape[0] == args.max_source_positions + pad + 1
+    torch.save(exported, tmp_path / "exported.pt")
+    stock, _, _ = load_stock(tmp_path / "exported.pt")
+    batch = padded_batch(task)
+    assert (log_probs(model, *batch) - log_probs(stock, *batch)).abs().max().item() <= 1e-5
+
+
+def test_unknown_padding_index_refused(tiny_data) -> None:
+    """A task whose dictionary's padding index the export cannot know: sinusoidal positions are refused,
+    learned ones (scaled in place, no padding index needed) are exported."""
+    model, _, args = build(tiny_data, *SMALL, "--deepnorm")
+    state = checkpoint_state(args, model)
+    state["cfg"]["task"]["_name"] = "my_task"
+    with pytest.raises(ExportError, match="--task my_task: the export cannot tell the padding index"):
+        export_state(state)
+    model, _, args = build(tiny_data, *SMALL, "--deepnorm", "--encoder-learned-pos", "--decoder-learned-pos")
+    state = checkpoint_state(args, model)
+    state["cfg"]["task"]["_name"] = "my_task"
+    assert export_state(state)["cfg"]["model"]["encoder_learned_pos"] is True
+
+
+def test_config_without_layer_counts_refused(tiny_data) -> None:
+    """No integer --encoder-layers/--decoder-layers: no record can be computed; the error names the file."""
+    config = vars(parse(tiny_data, *SMALL, "--deepnorm"))
+    config.update(encoder_layers="2", decoder_layers=None)
+    with pytest.raises(ExportError, match=r"ckpt\.pt: its model configuration has no integer layer count "
+                                          r"\(--encoder-layers='2', --decoder-layers=None\)"):
+        export_state({"cfg": {"model": config}, "model": {}}, source="ckpt.pt")
+
+
 def test_cli_errors(tiny_data, trained, tmp_path, capsys) -> None:
     """Flags of the other target, a missing --data, an existing output directory, a refused scheme."""
     with pytest.raises(SystemExit) as exit_:
@@ -387,6 +444,9 @@ LM_CASES = {
     "deepnorm-projected-input": (("--deepnorm", "--share-decoder-input-output-embed"), True),
     "deepnorm-tied": (("--deepnorm", "--share-decoder-input-output-embed", *SAME_DIMS), False),
     "admin-learned-positions": (("--residual-scheme", "admin", "--decoder-learned-pos", *SAME_DIMS), False),
+    # deepnet_lm is a dataclass model: --decoder-normalize-before is switched on in a copy, not in the stored cfg
+    "pre-ln": (("--residual-scheme", "pre-ln"), False),
+    "pre-ln-no-final-norm": (("--residual-scheme", "pre-ln", "--no-decoder-final-norm"), False),
 }
 
 
@@ -429,6 +489,7 @@ def test_language_model_export(case, lm_data, tmp_path) -> None:
         ours = model.get_normalized_probs(model(tokens), log_probs=True)
         theirs = stock.get_normalized_probs(stock(tokens), log_probs=True)
     assert (ours - theirs).abs().max().item() <= 1e-5
+    assert cfg.model.decoder_normalize_before == ("pre-ln" in flags)
 
 
 def test_language_model_to_ctranslate2(lm_data, tmp_path) -> None:
