@@ -86,6 +86,7 @@ def model_summary(out: Path, name: str) -> dict:
         "label": LABELS.get(name, name),
         "bleu": bleu["bleu"] if bleu else None,
         "bleu_signature": bleu["signature"] if bleu else None,
+        "bleu_line": bleu["score_line"] if bleu else None,
         "parameters": log["params"],
         "updates": max([u for u, _ in train] + [u for u, _ in valid] + [0]),
         "wall_seconds": _number(_read(run / "wall_seconds")),
@@ -144,11 +145,12 @@ def main(argv=None) -> int:
     parser.add_argument("--source", type=Path, required=True, help="raw test source text")
     parser.add_argument("--reference", type=Path, required=True, help="raw test reference text")
     parser.add_argument("--total-seconds", type=float, default=None, help="wall time of the whole demo so far")
+    parser.add_argument("--corpus", default="De->En Tatoeba", help="what the models translate, for the plot title")
     parser.add_argument("--examples", type=int, default=5)
     args = parser.parse_args(argv)
 
     models = {name: model_summary(args.out, name) for name in args.models}
-    title = (f"De->En Tatoeba, {args.layers}L-{args.layers}L encoder-decoder, same settings; "
+    title = (f"{args.corpus}, {args.layers}L-{args.layers}L encoder-decoder, same settings; "
              + ", ".join(f"{m['label']} BLEU {_fmt(m['bleu'], '.1f')}" for m in models.values()))
     plot_path = args.out / "loss.png"
     plot(models, plot_path, title)
@@ -167,6 +169,12 @@ def main(argv=None) -> int:
         "train_args": train_args_file.read_text().splitlines() if train_args_file.exists() else None,
         "plot": str(plot_path),
     }
+    finals = {name: info["final_valid_loss"] for name, info in models.items()}
+    gap = None
+    if finals.get("deepnorm") is not None and finals.get("postln") is not None:
+        gap = finals["postln"] - finals["deepnorm"]
+        summary["valid_loss_gap"] = gap  # bits, like fairseq's losses
+        summary["valid_loss_gap_nats"] = gap * math.log(2)
     summary_path = args.out / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
@@ -184,6 +192,10 @@ def main(argv=None) -> int:
     for name in args.models:
         found = sorted((args.out / name).glob("test.hyp.*"))
         hyps[name] = found[0].read_text(encoding="utf-8").splitlines() if found else []
+    if gap is not None:
+        print(f"valid loss gap at update {args.updates}: Post-LN - DeepNorm = {gap:.2f} bits "
+              f"({gap * math.log(2):.2f} nats; fairseq's losses are base 2)")
+
     print(f"\nExample translations (first {args.examples} test sentences with distinct references):")
     seen, shown = set(), 0
     for i, (src, ref) in enumerate(zip(sources, references, strict=True)):
@@ -198,6 +210,10 @@ def main(argv=None) -> int:
             if i < len(hyps[name]):
                 print(f"  {LABELS.get(name, name) + ':':<10} {_clip(hyps[name][i])}")
         print()
+    print("Test BLEU (sacreBLEU on the detokenized output against the raw references):")
+    for info in models.values():
+        if info["bleu_line"]:
+            print(f"  {info['label'] + ':':<10} {info['bleu_line']}\n  {'':<10} signature: {info['bleu_signature']}")
     print(f"loss plot: {plot_path}")
     if args.total_seconds is not None:
         print(f"total wall time: {args.total_seconds:.0f} s")

@@ -46,42 +46,94 @@ def run_demo(out: Path, **knobs) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
-def test_demo_end_to_end_tiny(tmp_path):
-    """The data stage alone, then the whole demo, which reuses that data (same inputs and knobs)."""
-    out = tmp_path / "demo"
-    # DEMO_MAX_MINUTES=0: no cap on training time, so a slow machine still trains every update
-    knobs = dict(DEMO_PAIRS=300, DEMO_VALID_PAIRS=30, DEMO_TEST_PAIRS=30, DEMO_LAYERS=2, DEMO_UPDATES=20,
-                 DEMO_MAX_TOKENS=500, DEMO_LOG_INTERVAL=2, DEMO_PROGRESS_SECONDS=5, DEMO_BEAM=2, DEMO_MAX_MINUTES=0)
-    proc = run_demo(out, DEMO_STAGE="data", **knobs)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"data ready: {out / 'data' / 'bin'}" in proc.stdout
-    assert not (out / "summary.json").exists()
-    stamp = (out / "data" / "stamp").read_text()
+def clean_env() -> dict:
+    """The environment without any DEMO_* knob, to run a command printed by the demo as printed."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("DEMO_")}
 
-    proc = run_demo(out, **knobs)
+
+# A two-column TSV (target, source; no attribution) in two non-Latin scripts: Japanese -> Russian.
+# 12 nouns (Japanese; Russian nominative, accusative) in 5 sentence frames = 60 pairs.
+NOUNS = [("猫", "кошка", "кошку"), ("犬", "собака", "собаку"), ("本", "книга", "книгу"), ("水", "вода", "воду"),
+         ("魚", "рыба", "рыбу"), ("音楽", "музыка", "музыку"), ("お茶", "чай", "чай"), ("パン", "хлеб", "хлеб"),
+         ("花", "цветок", "цветок"), ("車", "машина", "машину"), ("手紙", "письмо", "письмо"),
+         ("りんご", "яблоко", "яблоко")]
+FRAMES = [("私は{ja}が好きです。", "Я люблю {acc}."), ("{ja}はどこですか。", "Где {nom}?"),
+          ("{ja}はここにあります。", "{Nom} здесь."), ("{ja}が見えます。", "Я вижу {acc}."),
+          ("{ja}が欲しいです。", "Я хочу {acc}.")]
+
+
+def write_ja_ru_tsv(path: Path) -> None:
+    rows = [(ru.format(nom=nom, acc=acc, Nom=nom.capitalize()), ja.format(ja=noun))
+            for noun, nom, acc in NOUNS for ja, ru in FRAMES]
+    path.write_text("".join(f"{target}\t{source}\n" for target, source in rows), encoding="utf-8")
+
+
+def test_demo_stopped_by_its_time_cap_resumes_to_the_same_model(tmp_path):
+    """Own corpus (Japanese -> Russian, two-column TSV) through the whole demo, stopped by the safety cap.
+
+    The cap (DEMO_MAX_MINUTES=1e-7: 6 µs of training time) stops both models after their first update,
+    on any machine. The demo then reports the run as incomplete, with no BLEU, and prints a resume command;
+    run as printed, it finishes the same run: the DeepNorm checkpoint equals, tensor for tensor, an
+    uninterrupted run of the same command line (one thread, so fairseq on a CPU is deterministic).
+    The finished demo prints BLEU, examples and a fairseq-interactive command that works as printed.
+    """
+    import torch
+
+    from conftest import fairseq_main
+
+    tsv = tmp_path / "ja-ru.tsv"
+    write_ja_ru_tsv(tsv)
+    out = tmp_path / "demo"
+    knobs = dict(DEMO_TSV=tsv, DEMO_SRC_LANG="ja", DEMO_TGT_LANG="ru", DEMO_VALID_PAIRS=6, DEMO_TEST_PAIRS=6,
+                 DEMO_VOCAB=150, DEMO_LAYERS=1, DEMO_DIM=32, DEMO_FFN=64, DEMO_UPDATES=6, DEMO_MAX_TOKENS=200,
+                 DEMO_LOG_INTERVAL=1, DEMO_PROGRESS_SECONDS=5, DEMO_BEAM=2)
+    proc = run_demo(out, DEMO_MAX_MINUTES="1e-7", **knobs)
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "!! INCOMPLETE RUN" in proc.stderr
+    assert "deepnorm at update 1," in proc.stderr and "postln at update 1," in proc.stderr
+    assert not (out / "summary.json").exists() and not (out / "deepnorm" / "bleu.json").exists()
+    resume = proc.stderr.strip().splitlines()[-1]
+    assert resume.startswith("DEMO_RESUME=1 DEMO_MAX_MINUTES=0 ") and "DEMO_TSV=" in resume
+
+    proc = subprocess.run(["bash", "-c", resume], cwd=tmp_path, env=clean_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "data: reusing" in proc.stdout
-    assert (out / "data" / "stamp").read_text() == stamp
-    assert "sacreBLEU signature: nrefs:1|case:mixed|eff:no|tok:13a" in proc.stdout
-    assert f"summary: {out / 'summary.json'}" in proc.stdout
-
+    assert "deepnorm: resuming from" in proc.stdout and "postln: resuming from" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["encoder_layers"] == summary["decoder_layers"] == 2
-    test_refs = read_lines(out / "data" / "text" / "test.en")
-    assert len(test_refs) >= 30
     for name in ("deepnorm", "postln"):
         model = summary["models"][name]
-        assert isinstance(model["bleu"], float) and 0.0 <= model["bleu"] <= 100.0
-        assert model["updates"] == 20
-        assert model["parameters"] > 0
-        assert model["wall_seconds"] > 0
-        assert isinstance(model["diverged"], bool)
-        hyp = out / name / "test.hyp.en"
-        assert hyp.exists() and len(read_lines(hyp)) == len(test_refs)
-    # Same architecture and flags except --deepnorm, so the same parameter count.
-    assert summary["models"]["deepnorm"]["parameters"] == summary["models"]["postln"]["parameters"]
+        assert model["updates"] == 6 and isinstance(model["bleu"], float)
+        assert len(read_lines(out / name / "test.hyp.ru")) == len(read_lines(out / "data" / "text" / "test.ru"))
     assert "--deepnorm" not in summary["train_args"]
+    assert summary["valid_loss_gap"] == pytest.approx(
+        summary["models"]["postln"]["final_valid_loss"] - summary["models"]["deepnorm"]["final_valid_loss"])
     assert (out / "loss.png").read_bytes()[:8] == PNG_MAGIC
+    report = proc.stdout[proc.stdout.index("Example translations"):]
+    test_ja = read_lines(out / "data" / "text" / "test.ja")
+    assert f"source:    {test_ja[0]}" in report and report.count("reference: ") == 5
+    assert report.count("signature: nrefs:1|case:mixed|eff:no|tok:13a") == 2
+    assert f"loss plot: {out / 'loss.png'}" in report
+
+    # The printed fairseq-interactive command translates, as printed.
+    interactive = proc.stdout.strip().splitlines()[-1]
+    assert interactive.startswith("echo ") and "fairseq-interactive" in interactive
+    translated = subprocess.run(["bash", "-o", "pipefail", "-c", interactive], cwd=tmp_path, env=clean_env(),
+                                capture_output=True, text=True)
+    assert translated.returncode == 0, translated.stderr[-3000:]
+    assert len(translated.stdout.splitlines()) == 1 and translated.stdout.strip()
+
+    # The same command line, uninterrupted, in this process with one thread: the same model.
+    args = read_lines(out / "train_args.txt")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fairseq_main("train", [*args, "--deepnorm", "--save-dir", tmp_path / "uninterrupted"])
+    finally:
+        torch.set_num_threads(threads)
+    resumed = torch.load(out / "deepnorm" / "checkpoints" / "checkpoint_last.pt", weights_only=False)["model"]
+    straight = torch.load(tmp_path / "uninterrupted" / "checkpoint_last.pt", weights_only=False)["model"]
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[key], straight[key]) for key in straight)
 
 
 def write_tsv(path: Path, rows) -> None:
