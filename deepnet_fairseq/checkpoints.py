@@ -261,7 +261,8 @@ def install_crash_safe_checkpoint_io() -> None:
     def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
         state = read(path, arg_overrides, load_on_all_ranks)
         # what the checkpoint was trained as: its configuration as stored, before --model-overrides
-        stored = load_checkpoint(PathManager.get_local_path(path), mmap=True)
+        # (only overrides make the loaded one differ: then the file's own is read, its weights mapped)
+        stored = load_checkpoint(PathManager.get_local_path(path), mmap=True) if arg_overrides else state
         try:
             attach_record(state, record_from_model_config(stored_model_config(stored)), arg_overrides)
         except DeepNetConfigError as err:

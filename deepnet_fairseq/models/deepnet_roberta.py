@@ -42,12 +42,11 @@ from deepnet_fairseq.models.options import (
     resolve_scheme_name,
     validate_shapes,
 )
-from deepnet_fairseq.models.training import DeepNetModelMixin
+from deepnet_fairseq.models.training import DeepNetModelMixin, training_forward
 from deepnet_fairseq.modules.layers import DeepNetEncoderLayer
 from deepnet_fairseq.modules.stacks import DeepNetEncoder, wrap_layer
 from deepnet_fairseq.scheme_record import model_record
 from deepnet_fairseq.schemes import SCHEMES, DeepNetConfigError, ResidualScheme
-from deepnet_fairseq.schemes.admin import AdminScheme, admin_layers, profile_admin
 
 logger = logging.getLogger(__name__)
 
@@ -131,14 +130,7 @@ class DeepNetRobertaModel(DeepNetModelMixin, RobertaModel):
 
     def forward(self, src_tokens, *args, **kwargs):
         run = partial(super().forward, src_tokens, *args, **kwargs)
-        if self.training and self._needs_admin_profiling():
-            profile_admin(self, run)
-        return run()
-
-    def _needs_admin_profiling(self) -> bool:
-        if not isinstance(self.encoder.sentence_encoder.scheme, AdminScheme):
-            return False
-        return any(float(layer.admin_profiled) == 0.0 for layer in admin_layers(self))
+        return training_forward(self, {"src_tokens": src_tokens}, run)
 
 
 @register_model_architecture("deepnet_roberta", "deepnet_roberta")

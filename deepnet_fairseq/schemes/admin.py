@@ -73,8 +73,13 @@ def admin_layers(model: nn.Module):
 
 
 def needs_admin_profiling(model: nn.Module) -> bool:
-    """True while some profiled-Admin layer of ``model`` has not been profiled yet."""
-    if not isinstance(getattr(getattr(model, "decoder", None), "scheme", None), AdminScheme):
+    """True while some profiled-Admin layer of ``model`` has not been profiled yet.
+
+    Any side of any deepnet model (encoder-decoder, decoder-only, encoder-only): the model's
+    ``residual_scheme_record`` says whether it uses the profiled Admin scheme at all.
+    """
+    record = model.__dict__.get("residual_scheme_record") or {}
+    if not any(entry.get("scheme") == AdminScheme.name for entry in record.values()):
         return False
     return any(float(layer.admin_profiled) == 0.0 for layer in admin_layers(model))
 
