@@ -1,7 +1,7 @@
 """Shared helpers: synthetic dictionaries, fairseq model building, fixed batches, one training step.
 
-Everything goes through fairseq's own code paths: ``options.parse_args_and_arch`` for the command
-line, ``task.build_model`` / ``task.build_criterion`` for the model and loss,
+Everything goes through fairseq's own code paths: ``deepnet_fairseq.build`` (fairseq's training
+parser, ``task.build_model``) for the model, ``task.build_criterion`` for the loss,
 ``fairseq.optim.build_optimizer`` for Adam, ``task.train_step`` for forward + backward and
 ``task.build_generator`` (``SequenceGenerator``) for beam search.
 """
@@ -49,36 +49,28 @@ def write_dictionary(directory: Path, vocab: int) -> Path:
     return directory
 
 
-def parse_args(data_dir: Path, arch: str, flags: Sequence[str]) -> Any:
-    """Parse a ``fairseq-train`` command line (translation task, this plugin's user dir, CPU)."""
-    from fairseq import options, utils
-
-    parser = options.get_training_parser(default_task="translation")
-    argv = [
-        str(data_dir), "--user-dir", USER_DIR, "--task", "translation", "--arch", arch,
-        "--source-lang", "src", "--target-lang", "tgt", "--cpu",
+def command_line(data_dir: Path, arch: str, flags: Sequence[str]) -> List[str]:
+    """The benchmarks' ``fairseq-train`` command line (translation, CPU, Adam, label smoothing) plus ``flags``."""
+    return [
+        str(data_dir), "--arch", arch, "--source-lang", "src", "--target-lang", "tgt", "--cpu",
         "--optimizer", "adam", "--lr", "1e-4", "--adam-betas", "(0.9, 0.98)",
         "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
         *map(str, flags),
     ]
-    args = options.parse_args_and_arch(parser, argv)
-    utils.import_user_module(args)
-    return args
 
 
 def build(data_dir: Path, arch: str, flags: Sequence[str], seed: int = 1, meta: bool = False) -> Tuple[Any, ...]:
-    """Build ``(args, task, model)`` exactly as ``fairseq-train`` does; on the meta device if ``meta``."""
-    import torch
-    from fairseq import tasks
+    """Build ``(args, task, model)`` exactly as ``fairseq-train`` does; on the meta device if ``meta``.
 
-    args = parse_args(data_dir, arch, flags)
-    task = tasks.setup_task(args)
-    torch.manual_seed(seed)
-    if meta:
-        with torch.device("meta"):
-            model = task.build_model(args)
-    else:
-        model = task.build_model(args)
+    Stock architectures (``transformer``) and this plugin's build through the same
+    :func:`deepnet_fairseq.build.build_from_command_line`.
+    """
+    import torch
+
+    from deepnet_fairseq.build import build_from_command_line
+
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model, task, args = build_from_command_line(command_line(data_dir, arch, flags), seed=seed)
     return args, task, model
 
 

@@ -68,6 +68,8 @@ def child(
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq.trainer import Trainer
 
+    from deepnet_fairseq.build import build_from_args, parse_command_line
+
     if not apex:
         disable_apex()
     elif not apex_available():
@@ -80,17 +82,14 @@ def child(
         flags.append("--checkpoint-activations")
     with tempfile.TemporaryDirectory() as tmp, common.quiet_logging():
         data = common.write_dictionary(Path(tmp), vocab)
-        args = common.parse_args(data, arch, flags)
+        args = parse_command_line(common.command_line(data, arch, flags))
         if cuda:
             args.cpu = False
         # fairseq's legacy option post-processing turns --bf16 into --tpu (XLA); on a GPU we want
         # what fairseq-hydra-train does with common.bf16=true: bf16 weights on the CUDA device.
         args.tpu = False
-        from fairseq import tasks
-
+        net, task, args = build_from_args(args, seed=None)
         cfg = convert_namespace_to_omegaconf(args)
-        task = tasks.setup_task(cfg.task)
-        net = task.build_model(cfg.model)
         criterion = task.build_criterion(cfg.criterion)
         trainer = Trainer(cfg, task, net, criterion)
         sample = common.fixed_batch(task, sentences, length, length)

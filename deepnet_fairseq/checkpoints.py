@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import os
 import pickle
 import shutil
@@ -37,7 +38,6 @@ from typing import BinaryIO, Callable, Dict, Iterable, List, Sequence, Set, Unio
 
 import numpy as np
 import torch
-from fairseq.distributed.utils import _TensorPlaceholder
 from omegaconf import DictConfig, ListConfig
 from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import AnyNode
@@ -53,6 +53,11 @@ from deepnet_fairseq.scheme_record import (
     stored_model_config,
 )
 from deepnet_fairseq.schemes import DeepNetConfigError
+
+try:  # fairseq-private: checked by the "checkpoint_allowlist" fix (deepnet_fairseq.fairseq_fixes)
+    from fairseq.distributed.utils import _TensorPlaceholder
+except ImportError:  # another fairseq: the allow-list lacks it, and the fix says so
+    _TensorPlaceholder = None
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct, scalar
@@ -92,7 +97,7 @@ CHECKPOINT_GLOBALS: tuple = (
     collections.defaultdict,
     # multi-process resume: rank 0 broadcasts the loaded state with its tensors replaced by
     # placeholders, and the other ranks unpickle it with torch.load
-    _TensorPlaceholder,
+    *((_TensorPlaceholder,) if _TensorPlaceholder is not None else ()),
 )
 
 
@@ -229,26 +234,19 @@ def atomic_write(dst: PathLike, write: Callable[[BinaryIO], object]) -> None:
             os.unlink(tmp)
 
 
-def install_crash_safe_checkpoint_io() -> None:
-    """Make fairseq's checkpoint writing crash-safe and its loading errors name the file (idempotent).
+def install_atomic_checkpoint_copy() -> None:
+    """Make fairseq's copies of checkpoints atomic (idempotent).
 
-    * fairseq writes ``checkpointE.pt`` atomically (temporary file + rename) but then *copies* it
-      to ``checkpoint_last.pt``/``checkpoint_best.pt`` with ``shutil.copyfile``, so a kill during
-      that copy leaves a truncated ``checkpoint_last.pt`` that resume then fails on.  Local copies
-      go through :func:`atomic_copy` instead (remote ioPath URLs keep fairseq's behaviour).
-    * ``checkpoint_utils.load_checkpoint_to_cpu`` (resume, ``fairseq-generate``, hub loading)
-      raises :class:`CheckpointLoadError` naming the file when it cannot be read, and puts the
-      residual-scheme record of the checkpoint into ``state["model"]`` for ``load_state_dict`` to check
-      (:mod:`deepnet_fairseq.scheme_record`).
+    fairseq writes ``checkpointE.pt`` atomically (temporary file + rename) but then *copies* it to
+    ``checkpoint_last.pt``/``checkpoint_best.pt`` with ``shutil.copyfile``, so a kill during that copy
+    leaves a truncated ``checkpoint_last.pt`` that resume then fails on.  Local copies go through
+    :func:`atomic_copy` instead (remote ioPath URLs keep fairseq's behaviour).
     """
-    from fairseq import checkpoint_utils
-    from fairseq.distributed import utils as distributed_utils
     from fairseq.file_io import PathManager
 
     if getattr(PathManager.copy, "_deepnet_safe", False):
         return
     fairseq_copy = PathManager.copy
-    fairseq_load = checkpoint_utils.load_checkpoint_to_cpu
 
     def copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
         if PathManager.path_requires_pathmanager(src_path) or PathManager.path_requires_pathmanager(dst_path):
@@ -257,6 +255,25 @@ def install_crash_safe_checkpoint_io() -> None:
             return False
         atomic_copy(src_path, dst_path)
         return True
+
+    copy._deepnet_safe = True
+    PathManager.copy = staticmethod(copy)
+
+
+def install_checkpoint_load_errors() -> None:
+    """Make ``checkpoint_utils.load_checkpoint_to_cpu`` name the file it cannot read and attach the
+    checkpoint's residual-scheme record (idempotent).
+
+    Resume, ``fairseq-generate`` and hub loading then raise :class:`CheckpointLoadError` naming the
+    file when it is truncated, corrupt or refused, and ``state["model"]`` carries the residual-scheme
+    record of the checkpoint for ``load_state_dict`` to check (:mod:`deepnet_fairseq.scheme_record`).
+    """
+    from fairseq import checkpoint_utils
+    from fairseq.file_io import PathManager
+
+    if getattr(checkpoint_utils.load_checkpoint_to_cpu, "_deepnet_load_errors", False):
+        return
+    fairseq_load = checkpoint_utils.load_checkpoint_to_cpu
 
     def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
         state = read(path, arg_overrides, load_on_all_ranks)
@@ -284,16 +301,29 @@ def install_crash_safe_checkpoint_io() -> None:
                 "Use an earlier checkpoint (e.g. checkpointN.pt) or remove it to start afresh."
             ) from err
 
+    load_checkpoint_to_cpu._deepnet_load_errors = True
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+
+
+def install_record_broadcast() -> None:
+    """Make ``distributed_utils.broadcast_object`` put the residual-scheme record back on a broadcast
+    checkpoint state's weights (idempotent).
+
+    Rank 0 broadcasts a loaded checkpoint to every rank (itself included) as rebuilt plain dicts; the
+    record also travels as a top-level entry of the state, from which it is re-attached.
+    """
+    from fairseq.distributed import utils as distributed_utils
+
+    if getattr(distributed_utils.broadcast_object, "_deepnet_record", False):
+        return
+    fairseq_broadcast = distributed_utils.broadcast_object
+
+    @functools.wraps(fairseq_broadcast)
     def broadcast_object(obj, *args, **kwargs):
-        # rank 0 broadcasts a loaded checkpoint to every rank (itself included) as rebuilt plain dicts:
-        # put the record back on the weights (it also travels as a top-level entry of the state)
         result = fairseq_broadcast(obj, *args, **kwargs)
         if isinstance(result, dict) and isinstance(result.get(RECORD_STATE_KEY), dict):
             attach_record(result, result[RECORD_STATE_KEY], {})
         return result
 
-    fairseq_broadcast = distributed_utils.broadcast_object
+    broadcast_object._deepnet_record = True
     distributed_utils.broadcast_object = broadcast_object
-    copy._deepnet_safe = True
-    PathManager.copy = staticmethod(copy)
-    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu

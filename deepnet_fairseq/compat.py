@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import types
 from typing import Any
 
@@ -29,18 +30,25 @@ import numpy
 
 
 def install_keep_last_batch() -> None:
-    """Patch ``data_utils.batch_by_size`` to keep the last batch (idempotent)."""
+    """Patch ``data_utils.batch_by_size`` to keep the last batch (idempotent).
+
+    Its arguments are bound by name (``fixed_shapes`` batches are left as fairseq makes them); the
+    ``keep_last_batch`` fix of :mod:`deepnet_fairseq.fairseq_fixes` checks those names first.
+    """
     from fairseq.data import data_utils
 
     if getattr(data_utils.batch_by_size, "_deepnet_keeps_last", False):
         return
     fairseq_batch_by_size = data_utils.batch_by_size
+    signature = inspect.signature(fairseq_batch_by_size)
 
     @functools.wraps(fairseq_batch_by_size)
-    def batch_by_size(indices, *args, **kwargs):
-        batches = fairseq_batch_by_size(indices, *args, **kwargs)
-        if kwargs.get("fixed_shapes") is not None or (len(args) >= 6 and args[5] is not None):
+    def batch_by_size(*args, **kwargs):
+        batches = fairseq_batch_by_size(*args, **kwargs)
+        arguments = signature.bind(*args, **kwargs).arguments
+        if arguments.get("fixed_shapes") is not None:
             return batches
+        indices = arguments["indices"]
         covered = sum(len(batch) for batch in batches)
         if covered < len(indices):
             batches = list(batches) + [indices[covered:]]

@@ -40,6 +40,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from deepnet_fairseq.checkpoints import load_checkpoint
+from deepnet_fairseq.stability import model_stacks
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +72,16 @@ class DivergenceGuard:
 
     def __init__(self, trainer):
         self.patience = int(_option(trainer.cfg.model, "stop_on_divergence_patience", 0))
-        model = trainer.get_model()
-        encoder = getattr(model, "encoder", None)
-        depth = f"{len(encoder.layers)}L-" if encoder is not None else ""
-        self.description = f"{depth}{len(model.decoder.layers)}L, scheme {model.decoder.scheme.describe()}"
+        stacks = model_stacks(trainer.get_model())
+        depth = "-".join(f"{len(stack.layers)}L" for stack in stacks.values())
+        described = {side: stack.scheme.describe() for side, stack in stacks.items()}
+        if len(set(described.values())) == 1:
+            self.description = f"{depth}, scheme {next(iter(described.values()))}"
+        else:
+            self.description = f"{depth}, " + ", ".join(f"{side} scheme {text}" for side, text in described.items())
+        # what the schemes suggest beyond lr/warm-up/batch (DeepNorm: nothing), each once
+        self.hints = list(dict.fromkeys(
+            hint for hint in (stack.scheme.divergence_hint() for stack in stacks.values()) if hint is not None))
         self.save_dir = trainer.cfg.checkpoint.save_dir
         self.suffix = _option(trainer.cfg.checkpoint, "checkpoint_suffix", "")
         self.metric = _option(trainer.cfg.checkpoint, "best_checkpoint_metric", "loss")  # what val_loss holds
@@ -155,8 +162,7 @@ class DivergenceGuard:
 
     def report(self, trainer, reason: str) -> str:
         hint = "Try a lower --lr, a longer --warmup-updates or a larger batch"
-        if "deepnorm(" not in self.description:
-            hint += ", or --residual-scheme deepnorm"
+        hint += "".join(f", or {scheme_hint}" for scheme_hint in self.hints)
         message = (
             f"Training diverged at update {trainer.get_num_updates() + 1} ({self.description}, "
             f"lr {trainer.get_lr():.3g}): {reason}. Last good checkpoint: {self.last_good_checkpoint()}; "
@@ -187,8 +193,7 @@ class DivergenceGuard:
 def _guard(trainer) -> Optional[DivergenceGuard]:
     guard = getattr(trainer, "_deepnet_divergence_guard", None)
     if guard is None:
-        decoder = getattr(trainer.get_model(), "decoder", None)
-        if getattr(decoder, "scheme", None) is None:  # not one of this plugin's models
+        if not model_stacks(trainer.get_model()):  # not one of this plugin's models
             return None
         guard = DivergenceGuard(trainer)
         trainer._deepnet_divergence_guard = guard
@@ -199,31 +204,47 @@ def _leaf_backward_nan_detector():
     from fairseq.nan_detector import NanDetector
 
     class LeafBackwardNanDetector(NanDetector):
-        """fairseq's NanDetector with backward hooks on leaf modules only.
+        """fairseq's NanDetector; for this plugin's models with backward hooks on leaf modules only.
 
         On a FloatingPointError fairseq re-runs the step under NanDetector, which puts a backward
         hook on every module; on PyTorch 2.x a module returning a dict without tensors (the
-        Transformer encoder) then fails with ``StopIteration`` and hides the real error.
+        Transformer encoder) then fails with ``StopIteration`` and hides the real error.  Other
+        models (fairseq's own) get fairseq's hooks unchanged.
         """
 
+        def __init__(self, model, forward=True, backward=True):
+            self.leaf_backward_only = bool(model_stacks(model))  # read by add_hooks, which __init__ calls
+            super().__init__(model, forward=forward, backward=backward)
+
         def add_hooks(self, module):
+            if not self.leaf_backward_only:
+                super().add_hooks(module)
+                return
             if self.forward:
                 self.fhooks.append(module.register_forward_hook(self.fhook_fn))
             if self.backward and next(module.children(), None) is None:
                 self.bhooks.append(module.register_backward_hook(self.bhook_fn))
 
+    LeafBackwardNanDetector._deepnet_leaf_backward = True
     return LeafBackwardNanDetector
 
 
-def install_divergence_guard() -> None:
-    """Wrap ``fairseq.trainer.Trainer.train_step`` (idempotent; other models pass through) and make
-    fairseq's NaN diagnosis work on PyTorch 2.x."""
+def install_nan_detector() -> None:
+    """Make the NanDetector that ``fairseq.trainer`` uses put backward hooks only on the leaf modules
+    of this plugin's models (idempotent; other models keep fairseq's behaviour)."""
     from fairseq import trainer as fairseq_trainer
+
+    if getattr(fairseq_trainer.NanDetector, "_deepnet_leaf_backward", False):
+        return
+    fairseq_trainer.NanDetector = _leaf_backward_nan_detector()
+
+
+def install_divergence_guard() -> None:
+    """Wrap ``fairseq.trainer.Trainer.train_step`` (idempotent; other models pass through)."""
     from fairseq.trainer import Trainer
 
     if getattr(Trainer.train_step, "_deepnet_guard", False):
         return
-    fairseq_trainer.NanDetector = _leaf_backward_nan_detector()
     fairseq_train_step = Trainer.train_step
 
     @functools.wraps(fairseq_train_step)

@@ -155,6 +155,9 @@ def deepnet_model_name(config: Mapping[str, Any]) -> str:
     """``deepnet_transformer`` or ``deepnet_lm`` (the model of ``--arch``), or :class:`ExportError`."""
     from fairseq.models import ARCH_MODEL_NAME_REGISTRY
 
+    import deepnet_fairseq
+
+    deepnet_fairseq.register()  # the plugin's architectures are looked up below
     arch = str(config.get("arch") or config.get("_name") or "")
     model = ARCH_MODEL_NAME_REGISTRY.get(arch)
     if model not in STOCK_MODELS:

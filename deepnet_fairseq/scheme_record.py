@@ -102,18 +102,11 @@ def record_from_model_config(model_cfg) -> Optional[Record]:
             network = "pre-ln" if getattr(args, f"{side}_normalize_before", False) else "post-ln"
             record[side] = {"scheme": network, "network": network, "init": {}, "stock": True}
         return record
-    from deepnet_fairseq.models.options import build_schemes, fill_option_defaults
+    from deepnet_fairseq.models.options import fill_option_defaults
+    from deepnet_fairseq.models.plan import plan_model
 
     fill_option_defaults(args)
-    depths = {side: getattr(args, f"{side}_layers") if side in sides else 0 for side in ("encoder", "decoder")}
-    return model_record(*build_schemes(args, depths["encoder"], depths["decoder"]))
-
-
-def model_record(encoder, decoder) -> Record:
-    """The record of a model built with these schemes: ``encoder`` is ``None`` for a decoder-only
-    model, ``decoder`` for an encoder-only one."""
-    sides = (("encoder", encoder), ("decoder", decoder))
-    return {side: scheme.record() for side, scheme in sides if scheme is not None}
+    return plan_model(args, sides).record()
 
 
 def _format(items) -> str:

@@ -16,13 +16,19 @@ come from ``run.json`` (written by the recipes' train.sh), else from a directory
 Logs may be fairseq's json format (``"loss": "4.2"``) or its simple format (``loss=4.2``).  With
 ``--recipe wmt17`` every cell is printed next to the paper's Table 1 value; with ``--recipe opus100`` the
 paper's Table 2 follows our runs (both from ``deepnet_recipes/paper.py``, checked against the paper).
+
+``--plot FILE.png`` draws our BLEU against depth next to the paper's figure: Fig. 6 for ``--recipe iwslt14``
+(three panels, Table 1's LN groups, each with DeepNet), Fig. 8 for ``--recipe opus100`` (average BLEU vs total
+layers). The paper's values are read off its figures, so approximate, and labelled so; a diverged run is
+plotted at 0 BLEU, as the paper does.  The plotted series are also written to FILE.json.  The table layout
+and the plot are :mod:`deepnet_fairseq.results`, shared with ``deepnet-sweep``.
+
+    python scripts/collect_results.py runs/recipes/iwslt14_sweep --recipe iwslt14 --plot fig6.png
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
 import re
@@ -32,7 +38,18 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from deepnet_recipes.paper import SCHEME_LABEL, TABLE1, TABLE1_DEPTHS, TABLE2, table1_value  # noqa: E402
+from deepnet_recipes.paper import (  # noqa: E402
+    FIG6_APPROX,
+    FIG6_PANELS,
+    FIG8_APPROX,
+    SCHEME_LABEL,
+    TABLE1,
+    TABLE1_DEPTHS,
+    TABLE2,
+    table1_value,
+)
+
+from deepnet_fairseq.results import Panel, Series, csv_text, markdown_grid, plot_bleu_vs_depth  # noqa: E402
 
 SCHEME_ORDER = list(TABLE1)
 NAME = re.compile(r"^(?P<scheme>.+?)[-_](?P<enc>\d+)L-(?P<dec>\d+)L$")
@@ -150,20 +167,18 @@ def build_table(cells: List[Cell], recipe: str) -> Tuple[List[str], List[str], D
 def markdown(cells: List[Cell], recipe: str) -> str:
     schemes, depths, by_key = build_table(cells, recipe)
     with_paper = recipe == "wmt17"
-    head = "| Model | " + " | ".join(depths) + " |"
-    out = [head, "|" + "---|" * (len(depths) + 1)]
+    rows = []
     for scheme in schemes:
-        row = [SCHEME_LABEL.get(scheme, scheme) if with_paper else scheme]
+        row = []
         for depth in depths:
             cell = by_key.get((scheme, depth))
             ours = cell.text() if cell else "-"
             if with_paper:
                 enc, dec = (int(x) for x in depth.replace("L", "").split("-"))
-                paper = paper_value(recipe, scheme, (enc, dec)) or "-"
-                row.append(f"{ours} ({paper})")
-            else:
-                row.append(ours)
-        out.append("| " + " | ".join(row) + " |")
+                ours += f" ({paper_value(recipe, scheme, (enc, dec)) or '-'})"
+            row.append(ours)
+        rows.append((SCHEME_LABEL.get(scheme, scheme) if with_paper else scheme, row))
+    out = [markdown_grid("Model", depths, rows)]
     if with_paper:
         out.append("")
         out.append("Cells: ours (paper). Paper: Table 1 of Wang et al. 2022 (arXiv 2203.00555), WMT-17 En-De test "
@@ -182,10 +197,8 @@ def table2_markdown() -> str:
 
 
 def to_csv(cells: List[Cell], recipe: str) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["scheme", "depth", "status", "bleu", "sacrebleu", "paper", "detail", "run"])
     schemes, depths, by_key = build_table(cells, recipe)
+    rows = []
     for scheme in schemes:
         for depth in depths:
             cell = by_key.get((scheme, depth))
@@ -193,14 +206,64 @@ def to_csv(cells: List[Cell], recipe: str) -> str:
             paper = paper_value(recipe, scheme, (enc, dec))
             if cell is None and paper is None:
                 continue
-            writer.writerow([
-                scheme, depth, cell.status if cell else "not run",
-                "" if not cell or cell.bleu is None else cell.bleu,
-                "" if not cell or cell.sacrebleu is None else cell.sacrebleu,
-                paper or "",
-                cell.reason if cell else "", str(cell.path) if cell else "",
-            ])
-    return buffer.getvalue()
+            rows.append([scheme, depth, cell.status if cell else "not run", cell and cell.bleu,
+                         cell and cell.sacrebleu, paper, cell.reason if cell else "", str(cell.path) if cell else ""])
+    return csv_text(["scheme", "depth", "status", "bleu", "sacrebleu", "paper", "detail", "run"], rows)
+
+
+def plotted_bleu(cell: Cell) -> Optional[float]:
+    """A cell's point on a BLEU-vs-depth plot: its BLEU, 0 when it diverged (as the paper plots it), else none."""
+    if cell.status == "diverged":
+        return 0.0
+    return cell.bleu if cell.status == "ok" else None
+
+
+def paper_series(label: str, figure: str, values: Dict[int, float]) -> Series:
+    return Series(f"{label}: paper, read off {figure} (approximate)", tuple(sorted(values.items())), reference=True)
+
+
+def fig6_panels(cells: List[Cell]) -> List[Panel]:
+    """Fig. 6's three panels: our NL-NL runs per scheme (x = N) and the values read off the paper's figure."""
+    panels = []
+    for title, schemes in FIG6_PANELS:
+        series = []
+        for scheme in schemes:
+            label = SCHEME_LABEL[scheme]
+            ours = sorted((c.encoder_layers, plotted_bleu(c)) for c in cells if c.scheme == scheme
+                          and c.encoder_layers == c.decoder_layers and plotted_bleu(c) is not None)
+            if ours:
+                series.append(Series(label, tuple(ours)))
+            if scheme in FIG6_APPROX:
+                series.append(paper_series(label, "Fig. 6", FIG6_APPROX[scheme]))
+        panels.append(Panel(title, tuple(series)))
+    return panels
+
+
+def fig8_panels(cells: List[Cell]) -> List[Panel]:
+    """Fig. 8: average BLEU against total layers (encoder + decoder), ours per scheme and the paper's DeepNet."""
+    series = []
+    for scheme in sorted({c.scheme for c in cells}):
+        ours = sorted((c.encoder_layers + c.decoder_layers, plotted_bleu(c)) for c in cells
+                      if c.scheme == scheme and plotted_bleu(c) is not None)
+        if ours:
+            series.append(Series(SCHEME_LABEL.get(scheme, scheme), tuple(ours)))
+    series.append(paper_series(SCHEME_LABEL["deepnorm"], "Fig. 8", FIG8_APPROX))
+    return [Panel("OPUS-100", tuple(series))]
+
+
+FIGURES = {  # recipe -> (panels, title, x label, log x)
+    "iwslt14": (fig6_panels, "IWSLT-14 De-En test BLEU vs depth (DeepNet Fig. 6)", "N (NL-NL model)", False),
+    "opus100": (fig8_panels, "OPUS-100 average BLEU vs depth (DeepNet Fig. 8)", "total layers (encoder + decoder)",
+                True),
+}
+
+
+def plot(cells: List[Cell], recipe: str, path: Path) -> Path:
+    """The recipe's figure with the paper's approximate values; returns the JSON of the plotted series."""
+    panels, title, xlabel, log_x = FIGURES[recipe]
+    return plot_bleu_vs_depth(panels(cells), path, title=title, xlabel=xlabel, log_x=log_x,
+                              note="dashed: the paper's values, read off the figure (approximate); "
+                                   "solid: our runs; diverged = 0")
 
 
 def main(argv=None) -> int:
@@ -210,6 +273,8 @@ def main(argv=None) -> int:
                         help="wmt17 adds the paper's Table 1 numbers (default); opus100 prints its Table 2")
     parser.add_argument("--markdown", type=Path, help="also write the Markdown table here")
     parser.add_argument("--csv", type=Path, help="write the CSV here (default: printed after the Markdown)")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png",
+                        help="--recipe iwslt14: Fig. 6; opus100: Fig. 8; ours next to the paper's values (+ FILE.json)")
     parser.add_argument("--blowup-factor", type=float, default=1.5,
                         help="diverged when the last training loss > FACTOR x the lowest one (default 1.5)")
     args = parser.parse_args(argv)
@@ -217,6 +282,9 @@ def main(argv=None) -> int:
         parser.error(f"{args.grid}: no such directory")
     if args.blowup_factor <= 1:
         parser.error("--blowup-factor must be > 1")
+    if args.plot and args.recipe not in FIGURES:
+        parser.error(f"--plot: the paper's figures are for --recipe {' or '.join(FIGURES)} (Figs. 6 and 8); "
+                     f"--recipe {args.recipe} is a table")
     cells = collect(args.grid, args.blowup_factor)
     if not cells:
         print(f"collect_results.py: error: no run directories with a train.log under {args.grid}", file=sys.stderr)
@@ -229,6 +297,8 @@ def main(argv=None) -> int:
         args.csv.write_text(table_csv, encoding="utf-8")
     else:
         print(table_csv)
+    if args.plot:
+        print(f"wrote {args.plot} and {plot(cells, args.recipe, args.plot)}")
     return 0
 
 

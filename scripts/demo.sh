@@ -86,7 +86,7 @@ for f in "${INPUT_FILES[@]}"; do [[ -f $f ]] || die "input file $f does not exis
 DATA_KEY=$(
     {
         sha256sum "${INPUT_FILES[@]}" | cut -d' ' -f1
-        sha256sum scripts/split_corpus.py scripts/spm_train.py | cut -d' ' -f1
+        sha256sum scripts/split_corpus.py scripts/spm_train.py scripts/deepnet_recipes/tools.py | cut -d' ' -f1
         echo "${INPUT_ARGS[*]} $DEMO_SRC_LANG $DEMO_TGT_LANG $DEMO_PAIRS $DEMO_VALID_PAIRS $DEMO_TEST_PAIRS"
         echo "$DEMO_VOCAB $DEMO_SEED"
         "$PY" -c 'from importlib.metadata import version as v; print(v("fairseq-fixed"), v("sentencepiece"))' 2>/dev/null

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Iterator, List, Sequence, Tuple
 
+import fairseq  # noqa: F401  (first, as under fairseq's CLIs: importing deepnet_fairseq then registers it)
 import pytest
 from hypothesis import HealthCheck, settings
 

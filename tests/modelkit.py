@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Mapping, Tuple, Union
 
 import torch
-from fairseq import options, tasks, utils
+from torch import nn
 
-from conftest import USER_DIR
+from deepnet_fairseq.build import build_from_command_line
 
 
 def build(data, *flags, task_name="translation", arch="deepnet_transformer_tiny"):
-    """Parse a fairseq-train command line and build the model with ``task.build_model``."""
-    parser = options.get_training_parser(default_task=task_name)
-    argv = [str(data), "--user-dir", USER_DIR, "--task", task_name, "--arch", arch, "--cpu", *map(str, flags)]
-    args = options.parse_args_and_arch(parser, argv)
-    utils.import_user_module(args)
-    task = tasks.setup_task(args)
-    torch.manual_seed(0)
-    model = task.build_model(args)
-    model.eval()
-    return model, task
+    """``(model, task)``: ``fairseq-train data --arch arch --cpu flags`` built with seed 0, in eval mode."""
+    built = build_from_command_line([data, "--arch", arch, "--cpu", *flags], task=task_name)
+    built.model.eval()
+    return built.model, built.task
 
 
 def sample_batch(task, n=4, src_len=7, tgt_len=6, seed=0):
@@ -39,55 +36,87 @@ def paper_constants(n, m):
     }
 
 
-def _pre(store, key):
-    def hook(module, inputs):
-        store[key] = inputs[0].detach().clone()
-    return hook
+@dataclass
+class Captured:
+    """What :func:`capture` recorded, per name: the last call's input and output (detached copies)."""
+
+    inputs: Dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _post(store, key, first=False):
-    def hook(module, inputs, output):
-        store[key] = (output[0] if first else output).detach().clone()
-    return hook
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextlib.contextmanager
+def capture(modules: Mapping[str, nn.Module], *, inputs: bool = True, outputs: bool = True,
+            input_key: Union[int, str] = 0, prepend: bool = False) -> Iterator[Captured]:
+    """Record, per name, what each module received and returned in the forwards run inside the block.
+
+    ``inputs[name]``: the argument ``input_key`` (a position, or a keyword such as ``"query"``) of the
+    module's last call; ``outputs[name]``: its output (the first item of a tuple output, as attention and
+    decoder layers return). Both are detached clones. ``prepend`` puts the hooks before the module's
+    existing ones (e.g. a scheme's own pre-hook). Every handle is removed on leaving the block, also on
+    an exception.
+    """
+    captured, handles = Captured(), []
+
+    def keep_input(name, module, args, kwargs):
+        value = kwargs[input_key] if isinstance(input_key, str) else args[input_key]
+        captured.inputs[name] = value.detach().clone()
+
+    def keep_output(name, module, args, output):
+        captured.outputs[name] = _first(output).detach().clone()
+
+    try:
+        for name, module in modules.items():
+            if inputs:
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, a, k, n=name: keep_input(n, m, a, k), with_kwargs=True, prepend=prepend))
+            if outputs:
+                handles.append(module.register_forward_hook(
+                    lambda m, a, o, n=name: keep_output(n, m, a, o), prepend=prepend))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def residual_io(layers, run_forward, cross: bool) -> List[List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """Per layer, per sub-layer in forward order (self-attention, cross-attention if ``cross``, FFN):
+    ``(x, G(x), LN_in)`` seen in ``run_forward()``.
+
+    x is the layer's input for the first sub-layer and the previous sub-layer's LayerNorm output after it
+    (the Post-LN layout), G(x) the branch's output (the attention, or ``fc2``), LN_in what the sub-layer's
+    LayerNorm received.
+    """
+    subs = [("self_attn", "self_attn_layer_norm"), ("fc2", "final_layer_norm")]
+    if cross:
+        subs.insert(1, ("encoder_attn", "encoder_attn_layer_norm"))
+    received = {f"{i}.{name}": layer.get_submodule(name) for i, layer in enumerate(layers)
+                for name in ("", *(norm for _, norm in subs))}
+    returned = {f"{i}.{name}": layer.get_submodule(name) for i, layer in enumerate(layers) for sub in subs
+                for name in sub}
+    with capture(received, outputs=False) as seen_in, capture(returned, inputs=False) as seen_out:
+        run_forward()
+    records = []
+    for i in range(len(layers)):
+        xs = [seen_in.inputs[f"{i}."]] + [seen_out.outputs[f"{i}.{norm}"] for _, norm in subs[:-1]]
+        records.append([(x, seen_out.outputs[f"{i}.{branch}"], seen_in.inputs[f"{i}.{norm}"])
+                        for x, (branch, norm) in zip(xs, subs, strict=True)])
+    return records
 
 
 def check_ln_inputs(layers, run_forward, alpha, kinds):
-    """Hook every sub-layer: assert LN_in == alpha * x + G(x), x being the sub-layer's input.
+    """Hook every sub-layer: assert LN_in == alpha * x + G(x), x being the sub-layer's input
+    (:func:`residual_io`; ``kinds``: ``{"self"}``, or ``{"self", "cross"}`` for decoder layers).
 
     Returns the number of sub-layers checked.
     """
-    hooks, stores = [], []
-    for layer in layers:
-        s = {}
-        stores.append(s)
-        hooks += [
-            layer.register_forward_pre_hook(_pre(s, "layer_in")),
-            layer.self_attn.register_forward_hook(_post(s, "self_g", first=True)),
-            layer.self_attn_layer_norm.register_forward_pre_hook(_pre(s, "self_ln_in")),
-            layer.self_attn_layer_norm.register_forward_hook(_post(s, "self_ln_out")),
-            layer.fc2.register_forward_hook(_post(s, "ffn_g")),
-            layer.final_layer_norm.register_forward_pre_hook(_pre(s, "ffn_ln_in")),
-        ]
-        if "cross" in kinds:
-            hooks += [
-                layer.encoder_attn.register_forward_hook(_post(s, "cross_g", first=True)),
-                layer.encoder_attn_layer_norm.register_forward_pre_hook(_pre(s, "cross_ln_in")),
-                layer.encoder_attn_layer_norm.register_forward_hook(_post(s, "cross_ln_out")),
-            ]
-    try:
-        run_forward()
-    finally:
-        for h in hooks:
-            h.remove()
     checked = 0
-    for s in stores:
-        if "cross" in kinds:
-            triples = [("layer_in", "self_g", "self_ln_in"), ("self_ln_out", "cross_g", "cross_ln_in"),
-                       ("cross_ln_out", "ffn_g", "ffn_ln_in")]
-        else:
-            triples = [("layer_in", "self_g", "self_ln_in"), ("self_ln_out", "ffn_g", "ffn_ln_in")]
-        for x, g, ln_in in triples:
-            torch.testing.assert_close(s[ln_in], alpha * s[x] + s[g], rtol=1e-5, atol=1e-5)
+    for layer in residual_io(layers, run_forward, "cross" in kinds):
+        for x, g, ln_in in layer:
+            torch.testing.assert_close(ln_in, alpha * x + g, rtol=1e-5, atol=1e-5)
             checked += 1
     return checked
 

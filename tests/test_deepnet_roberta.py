@@ -16,12 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from fairseq import checkpoint_utils, options
+from fairseq import checkpoint_utils
 from fairseq.data.encoders.characters import Characters
 from fairseq.models.roberta import RobertaModel
 
 import deepnet_fairseq  # noqa: F401
 from conftest import REPO, USER_DIR, causes, fairseq_main, logged_updates
+from deepnet_fairseq.build import parse_command_line
+from deepnet_fairseq.divergence import DIVERGED_EXIT_CODE
 from deepnet_fairseq.models.deepnet_roberta import DeepNetRobertaModel
 from deepnet_fairseq.scheme_record import (
     RECORD_ATTRIBUTE,
@@ -222,8 +224,6 @@ def test_layernorm_embedding_and_layer_norm_placement_per_scheme(corpus):
         (("--deepnorm", "--encoder-normalize-before"), "remove --encoder-normalize-before"),
         (("--deepnorm", "--deepnorm-alpha", "1.2,1.5"), "--deepnorm-alpha takes one value for a model with only"),
         (("--deepnorm", "--deepnorm-beta", "0.5,0.7"), "--deepnorm-beta takes one value for a model with only"),
-        (("--deepnorm", "--log-stability"), "--log-stability is not supported by deepnet_roberta"),
-        (("--stop-on-divergence-patience", "2"), "--stop-on-divergence-patience is not supported by deepnet_roberta"),
         (("--deepnorm", "--residual-scheme", "pre-ln"), "--deepnorm contradicts --residual-scheme pre-ln"),
     ],
 )
@@ -261,6 +261,50 @@ def test_admin_profiles_on_the_first_training_forward(corpus):
     assert not torch.equal(omegas[1], torch.ones_like(omegas[1]))  # the ratio grew through the stack
     model(tokens(task, seed=1))  # profiled once only
     assert all(torch.equal(a, layer.admin_omega_self_attn) for a, layer in zip(omegas, layers, strict=True))
+
+
+def test_log_stability_and_divergence_patience_in_masked_lm_training(corpus, tmp_path, monkeypatch):
+    """``--log-stability`` measures every encoder sub-layer; ``--stop-on-divergence-patience`` stops a run
+    whose loss turns NaN at update 4 with exit code 3 and a report naming the encoder-only model."""
+    original = DeepNetRobertaModel.build_model.__func__
+    training_forwards = []
+
+    def nan_from_the_fourth(module, args, output):
+        if module.training:
+            training_forwards.append(1)
+            if len(training_forwards) >= 4:
+                return output * float("nan")
+        return None
+
+    def build_model(cls, args, task):
+        model = original(cls, args, task)
+        model.encoder.sentence_encoder.layers[0].register_forward_hook(nan_from_the_fourth)
+        return model
+
+    monkeypatch.setattr(DeepNetRobertaModel, "build_model", classmethod(build_model))
+    code, log = fairseq_main("train", [corpus["mlm"], "--task", "masked_lm", "--criterion", "masked_lm",
+                                       "--arch", "deepnet_roberta_tiny", "--deepnorm", *TINY,
+                                       "--tokens-per-sample", "64", "--lr", "3e-3", "--max-tokens", "1024",
+                                       "--max-update", "10", "--no-save", "--disable-validation", "--save-dir",
+                                       tmp_path, "--log-stability", "--stability-interval", "2",
+                                       "--stop-on-divergence-patience", "1", *COMMON], check=False)
+    assert code == DIVERGED_EXIT_CODE
+    records = {}
+    for line in log.splitlines():
+        if "train_inner" in line and "{" in line:
+            record = json.loads(line[line.find("{"):])
+            records[int(record["num_updates"])] = record
+    assert sorted(records) == [1, 2, 3]
+    measured = {f"stab_enc{i:02d}_{s}_{q}" for i in (1, 2) for s in ("self_attn", "ffn")
+                for q in ("ln", "ratio", "gnorm")}
+    for update in (1, 3):  # updates 0 and 2 are measured (logged as 1 and 3)
+        assert measured | {"stab_update", "stab_ln_max", "stab_ratio_max"} <= set(records[update]), update
+        assert all(math.isfinite(float(records[update][key])) for key in measured)
+    assert float(records[1]["stab_update"]) == 0.0 and float(records[3]["stab_update"]) > 0
+    assert all(value is None for key, value in records[2].items() if key.startswith("stab_"))  # not measured
+    (report,) = [line for line in log.splitlines() if "Training diverged at update 4" in line]
+    assert f"(2L, scheme deepnorm(alpha={encoder_only(2)[0]:.4f}" in report
+    assert "--residual-scheme deepnorm" not in report
 
 
 def test_encoder_layers_to_keep_keeps_the_trained_constants(corpus):
@@ -376,9 +420,7 @@ def test_hub_predicts_the_language_after_finetuning(corpus, finetuned):
 
 
 def _parsed(corpus, arch, *flags):
-    parser = options.get_training_parser(default_task="masked_lm")
-    return options.parse_args_and_arch(parser, [str(corpus["mlm"]), "--user-dir", USER_DIR, "--task", "masked_lm",
-                                                "--arch", arch, *TINY, *flags])
+    return parse_command_line([corpus["mlm"], "--arch", arch, *TINY, *flags], task="masked_lm")
 
 
 def test_stock_roberta_configs_have_a_native_encoder_record(corpus):

@@ -18,7 +18,7 @@ from typing import Dict, List, Tuple
 
 import pytest
 import torch
-from fairseq import checkpoint_utils, options, tasks
+from fairseq import checkpoint_utils
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.models.transformer import TransformerModel
 from fairseq.models.transformer_lm import TransformerLanguageModel
@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 import deepnet_fairseq  # noqa: F401  (registers the models and the checkpoint allow-list)
 from conftest import USER_DIR, fairseq_main, generate_in_process, run, train_args
+from deepnet_fairseq.build import build_from_command_line, parse_command_line
 from deepnet_fairseq.checkpoints import checkpoint_globals, load_checkpoint
 from deepnet_fairseq.cli.export import main as export_main
 from deepnet_fairseq.export import (
@@ -64,17 +65,12 @@ print("PLUGIN-NOT-IMPORTED")
 
 
 def parse(data: Path, *flags: str) -> argparse.Namespace:
-    parser = options.get_training_parser(default_task="translation")
-    return options.parse_args_and_arch(parser, [str(data), "--user-dir", USER_DIR, "--arch", "deepnet_transformer_tiny",
-                                                "--cpu", *flags])
+    return parse_command_line([data, "--arch", "deepnet_transformer_tiny", "--cpu", *flags])
 
 
 def build(data: Path, *flags: str) -> Tuple[torch.nn.Module, object, argparse.Namespace]:
     """``(model, task, args)`` as fairseq-train builds them (``build_model`` completes ``args``)."""
-    args = parse(data, *flags)
-    task = tasks.setup_task(args)
-    torch.manual_seed(0)
-    model = task.build_model(args)
+    model, task, args = build_from_command_line([data, "--arch", "deepnet_transformer_tiny", "--cpu", *flags])
     return model.eval(), task, args
 
 
@@ -459,12 +455,9 @@ def lm_data(tiny_data, tmp_path_factory) -> Path:
 
 
 def build_lm(data: Path, *flags: str) -> Tuple[torch.nn.Module, object, argparse.Namespace]:
-    parser = options.get_training_parser(default_task="language_modeling")
-    args = options.parse_args_and_arch(parser, [str(data), "--user-dir", USER_DIR, "--task", "language_modeling",
-                                                "--arch", "deepnet_lm", "--cpu", *LM_SMALL, *flags])
-    task = tasks.setup_task(args)
-    torch.manual_seed(0)
-    return task.build_model(args).eval(), task, args
+    model, task, args = build_from_command_line([data, "--arch", "deepnet_lm", "--cpu", *LM_SMALL, *flags],
+                                                task="language_modeling")
+    return model.eval(), task, args
 
 
 def lm_tokens(task) -> torch.Tensor:

@@ -133,6 +133,76 @@ def test_residual_connection_without_a_sublayer_module_is_refused(tiny_data):
         layer.residual_connection(x, x)
 
 
+def test_residual_hooks_see_every_combine_and_are_removed_by_their_handle(tiny_data):
+    """``register_residual_hook``: called with (layer, sub-layer, branch, residual) before every combine, in
+    order; its handle removes it; a deep copy of the layer (EMA) starts without it."""
+    model, task = admin_model(tiny_data)
+    layer = model.decoder.layers[1]
+    seen, combined = [], spy_on_combine(model.decoder.scheme)
+    handle = layer.register_residual_hook(lambda *call: seen.append(call))
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        model(*sample_batch(task))
+        clone(*sample_batch(task))
+    assert [(hooked, name) for hooked, name, _, _ in seen] == [
+        (layer, name) for name in ("self_attn", "encoder_attn", "ffn")]
+    assert [call for call in combined if call[0] is layer] == [(layer, name) for _, name, _, _ in seen]
+    assert all(branch.shape == residual.shape == (6, 4, 64) for _, _, branch, residual in seen)
+    assert not clone.decoder.layers[1]._residual_hooks
+    handle.remove()
+    with torch.no_grad():
+        model(*sample_batch(task))
+    assert len(seen) == 3 and not layer._residual_hooks
+
+
+# --- Admin's profiling: a pre-hook on each stack, removed once the stack is profiled (schemes/admin.py) ---
+
+
+def profiling_hooks(model):
+    """``{side: whether its stack still has the profiling pre-hook}``."""
+    return {side: stack.admin_profiling_hook.id in stack._forward_pre_hooks
+            for side, stack in (("encoder", model.encoder), ("decoder", model.decoder))}
+
+
+def test_admin_profiles_each_stack_on_its_first_training_forward_then_unhooks(tiny_data):
+    model, task = build(tiny_data, "--residual-scheme", "admin", "--encoder-layers", 2, "--decoder-layers", 2,
+                        "--dropout", 0)
+    with torch.no_grad():
+        model(*sample_batch(task))  # eval: no profiling
+    assert profiling_hooks(model) == {"encoder": True, "decoder": True}
+    assert all(float(layer.admin_profiled) == 0.0 for layer in [*model.encoder.layers, *model.decoder.layers])
+    clone = copy.deepcopy(model)  # as fairseq's EMA, before training
+    model.train()
+    model(*sample_batch(task))
+    assert profiling_hooks(model) == {"encoder": False, "decoder": False}
+    assert all(float(layer.admin_profiled) == 1.0 for layer in [*model.encoder.layers, *model.decoder.layers])
+    # the copy's hooks act on the copy: still unprofiled, profiles itself on its own first training forward
+    assert profiling_hooks(clone) == {"encoder": True, "decoder": True}
+    assert all(float(layer.admin_profiled) == 0.0 for layer in clone.decoder.layers)
+    clone.train()
+    clone(*sample_batch(task))
+    assert profiling_hooks(clone) == {"encoder": False, "decoder": False}
+    torch.testing.assert_close(clone.decoder.layers[1].admin_omega_ffn, model.decoder.layers[1].admin_omega_ffn)
+
+
+def test_admin_loaded_as_profiled_is_not_profiled_again(tiny_data):
+    """A checkpoint that says profiled keeps its ratios: the first training forward only removes the hook."""
+    model, task = admin_model(tiny_data)  # omegas set to random values
+    state = model.state_dict()
+    for key in state:
+        if key.endswith("admin_profiled"):
+            state[key] = torch.ones(())
+    fresh, _ = build(tiny_data, "--residual-scheme", "admin", "--encoder-layers", 2, "--decoder-layers", 2,
+                     "--dropout", 0)
+    fresh.load_state_dict(state)
+    fresh.train()
+    fresh(*sample_batch(task))
+    assert profiling_hooks(fresh) == {"encoder": False, "decoder": False}
+    for name, param in fresh.named_parameters():
+        if "admin_omega_" in name:
+            assert torch.equal(param, state[name]), name
+
+
 # --- which checkpoint a divergence report calls good (divergence.py) ------------------------------
 
 
@@ -210,3 +280,30 @@ def test_newest_good_checkpoint_is_named_when_later_ones_exploded(tiny_data, tmp
     assert "Training diverged at update 5" in report
     assert f"Last good checkpoint: {save / 'checkpoint1.pt'} (update 2, valid loss " in report
     assert "training loss healthy at update 2 and 3" in report
+
+
+class _ModelTrainer(_FakeTrainer):
+    """:class:`_FakeTrainer` around a real model."""
+
+    def __init__(self, save_dir, model):
+        super().__init__(save_dir)
+        self.model = model
+
+
+@pytest.mark.parametrize("flags,description", [
+    (("--deepnorm",), "2L-3L, encoder scheme deepnorm(alpha="),
+    (("--residual-scheme", "post-ln"), "2L-3L, scheme post-ln,"),
+    (("--residual-scheme", "rezero"), "2L-3L, scheme rezero,"),
+])
+def test_divergence_report_describes_every_stack_and_asks_the_schemes_for_hints(tiny_data, tmp_path, flags,
+                                                                                description):
+    """The report's description and hint come from each stack's scheme: DeepNorm (both stacks described,
+    their alphas differ) suggests nothing more, any other scheme suggests DeepNorm, once."""
+    model, _ = build(tiny_data, *flags, "--encoder-layers", 2, "--decoder-layers", 3)
+    trainer = _ModelTrainer(str(tmp_path), model)
+    report = DivergenceGuard(trainer).report(trainer, "loss is NaN")
+    assert description in report
+    if "--deepnorm" in flags:
+        assert ", decoder scheme deepnorm(alpha=" in report and "--residual-scheme deepnorm" not in report
+    else:
+        assert report.count(", or --residual-scheme deepnorm.") == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import math
 import shutil
 import sys
 
@@ -11,7 +13,7 @@ from fairseq.logging import metrics
 
 import deepnet_fairseq  # noqa: F401
 from conftest import train_args
-from deepnet_fairseq.analysis.instruments import decoder_features, rms_norm_per_token
+from deepnet_fairseq.stability import output_features, rms_norm_per_token
 from modelkit import build, sample_batch
 
 
@@ -55,10 +57,10 @@ def test_instruments_equal_direct_computation(tiny_data):
     # model update after a parameter change: ||F(x; theta_t) - F(x; theta_0)|| on the probe batch
     model.eval()
     with torch.no_grad():
-        before = decoder_features(model, net_input)
+        before = output_features(model, net_input)
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
-        after = decoder_features(model, net_input)
+        after = output_features(model, net_input)
     direct_update = (after - before).norm(dim=-1).mean().item()
     model.train()
     with metrics.aggregate(new_root=True) as agg:
@@ -191,10 +193,12 @@ def _record_residuals(layer, key, residuals):
 def _measure_ln_inputs(model, net_input):
     """One measured training forward; returns the logged values, every sub-layer LayerNorm's input and every
     sub-layer's (branch, residual) pair, recorded by this test's own hooks (keyed like the instruments:
-    ``dec02_encoder_attn``).  Works for the encoder-decoder and the decoder-only LM."""
+    ``dec02_encoder_attn``).  Works for the encoder-decoder, the decoder-only LM and the encoder-only RoBERTa."""
     inputs, residuals, handles = {}, {}, []
     encoder = getattr(model, "encoder", None)
-    stacks = ([("enc", encoder.layers)] if encoder is not None else []) + [("dec", model.decoder.layers)]
+    encoder = getattr(encoder, "sentence_encoder", encoder)  # RoBERTa's layer stack
+    decoder = getattr(model, "decoder", None)
+    stacks = [(side, stack.layers) for side, stack in (("enc", encoder), ("dec", decoder)) if stack is not None]
     layers = [(f"{side}{index:02d}", layer) for side, stack in stacks for index, layer in enumerate(stack, start=1)]
     for name, layer in layers:
         _record_residuals(layer, name, residuals)
@@ -226,8 +230,9 @@ def _direct_ratio(branch, residual, real):
 
 
 def _direct_update(model, net_input, real):
-    """Perturb every parameter; return ||F(x; theta_1) - F(x; theta_0)|| per token (F: the decoder's output
-    features, B x T x C), averaged over the real tokens (``real``: B x T) and over all tokens."""
+    """Perturb every parameter; return ||F(x; theta_1) - F(x; theta_0)|| per token (F: the model's output
+    features, the decoder's or an encoder-only model's encoder's, B x T x C), averaged over the real tokens
+    (``real``: B x T) and over all tokens."""
     model.eval()
     with torch.no_grad():
         before = model(**net_input, features_only=True)[0]
@@ -258,7 +263,7 @@ def _assert_padding_left_out(model, net_input, real):
     assert later_ratios != pytest.approx(all_positions, rel=1e-3)  # padded positions are not zero there
     assert any(padding_matters)
     torch.manual_seed(0)
-    direct_real, direct_all = _direct_update(model, net_input, real["dec"])
+    direct_real, direct_all = _direct_update(model, net_input, real["dec" if "dec" in real else "enc"])
     assert direct_real != pytest.approx(direct_all, rel=1e-3)
     with metrics.aggregate(new_root=True) as agg:
         model(**net_input)
@@ -295,6 +300,10 @@ def test_ln_norms_ratios_and_model_update_leave_out_padding(tiny_data):
     _assert_padding_left_out(model, net_input, real)
 
 
+ROBERTA_TINY = ("--encoder-layers", 2, "--encoder-embed-dim", 32, "--encoder-ffn-embed-dim", 64,
+                "--encoder-attention-heads", 2)
+
+
 @pytest.fixture(scope="module")
 def lm_dict(tiny_data, tmp_path_factory):
     """A language_modeling data directory: only its dictionary is needed to build a model."""
@@ -316,6 +325,27 @@ def test_language_model_instruments_leave_out_padding(lm_dict):
     tokens[1, -3:] = pad
     tokens[2, -5:] = pad
     _assert_padding_left_out(model, {"src_tokens": tokens}, {"dec": tokens.ne(pad)})
+
+
+def test_roberta_instruments_cover_its_encoder_and_leave_out_padding(lm_dict):
+    """deepnet_roberta (encoder-only; layers in ``model.encoder.sentence_encoder``): every encoder sub-layer is
+    measured, padding (``sentence_encoder.padding_idx``) is left out, and ``stab_update`` is the change of
+    the encoder's output features."""
+    model, task = build(lm_dict, "--deepnorm", *ROBERTA_TINY, "--dropout", 0, "--attention-dropout", 0,
+                        "--log-stability",
+                        "--stability-interval", 1, task_name="masked_lm", arch="deepnet_roberta_tiny")
+    model.train()
+    pad = model.encoder.sentence_encoder.padding_idx
+    tokens = torch.randint(4, len(task.source_dictionary) - 1, (3, 9), generator=torch.Generator().manual_seed(0))
+    tokens[1, -4:] = pad
+    with metrics.aggregate(new_root=True) as agg:
+        model(tokens)[0].float().logsumexp(-1).mean().backward()
+        logged = {k: v.avg for k, v in agg.items()}
+    expected = {f"stab_enc{i:02d}_{s}_{q}" for i in (1, 2) for s in ("self_attn", "ffn")
+                for q in ("ln", "ratio", "gnorm")}
+    assert expected <= set(logged) and all(math.isfinite(logged[key]) for key in expected)
+    assert logged["stab_update"] == 0.0  # the first measurement is the reference
+    _assert_padding_left_out(model, {"src_tokens": tokens}, {"enc": tokens.ne(pad)})
 
 
 def test_padding_mask_must_match_the_activations():
@@ -372,9 +402,88 @@ def test_failed_measured_forward_leaves_no_measurement_behind(tiny_data):
     with pytest.raises(RuntimeError, match="oom"):
         model(**_net_input(task))
     failing.remove()
-    assert not monitor.measuring and not monitor.grad_hooks
+    assert not monitor.grad_hooks
     src, lengths, prev = sample_batch(task, n=3, src_len=5, tgt_len=4, seed=1)
     with metrics.aggregate(new_root=True) as agg:
         out, _ = model(src, lengths, prev)
         out.float().logsumexp(-1).mean().backward()
         assert sum(1 for key in agg.keys() if key.endswith("_gnorm")) == 10
+
+
+# --- the instruments' hooks exist only inside a measured forward -----------------------------------------
+
+
+def _hook_counts(model):
+    """Forward pre-hooks, forward hooks and residual hooks (scheme layers) on every module of ``model``."""
+    modules = list(model.modules())
+    return (sum(len(m._forward_pre_hooks) for m in modules), sum(len(m._forward_hooks) for m in modules),
+            sum(len(m._residual_hooks) for m in modules if hasattr(m, "_residual_hooks")))
+
+
+def _pair(tiny_data, interval=1):
+    """The same 2L-2L DeepNorm model built with and without --log-stability (training mode)."""
+    flags = ("--deepnorm", "--encoder-layers", 2, "--decoder-layers", 2, "--dropout", 0)
+    plain, task = build(tiny_data, *flags)
+    instrumented, _ = build(tiny_data, *flags, "--log-stability", "--stability-interval", interval)
+    plain.train()
+    instrumented.train()
+    return plain, instrumented, task
+
+
+def test_no_instrument_hook_outlives_a_measured_forward(tiny_data):
+    """After a measured training step, and after a measured forward that raised, every module carries
+    exactly the hooks of the same model built without --log-stability; no gradient hook is left."""
+    plain, model, task = _pair(tiny_data)
+    baseline = _hook_counts(plain)
+    assert _hook_counts(model) == baseline  # nothing registered at build
+    during = []  # the measured forward, then the probe forward (hooks removed)
+    probe = model.decoder.layers[-1].register_forward_pre_hook(lambda m, a: during.append(_hook_counts(model)))
+    with metrics.aggregate(new_root=True) as agg:
+        model(**_net_input(task))[0].float().logsumexp(-1).mean().backward()
+        assert "stab_dec02_ffn_gnorm" in agg.keys()
+    probe.remove()
+    assert during[0][0] == baseline[0] + 1 + 10 and during[0][2] == 4  # LayerNorm and residual hooks
+    assert during[1] == (baseline[0] + 1, *baseline[1:])  # the probe forward runs unhooked
+    assert _hook_counts(model) == baseline and not model.stability_monitor.grad_hooks
+    failing = model.decoder.layers[0].register_forward_hook(lambda m, a, o: (_ for _ in ()).throw(RuntimeError("oom")))
+    with pytest.raises(RuntimeError, match="oom"):
+        model(**_net_input(task))
+    failing.remove()
+    assert _hook_counts(model) == baseline and not model.stability_monitor.grad_hooks
+
+
+def test_unmeasured_steps_register_no_hook(tiny_data):
+    """On an update that is not a measurement step the forward runs with the plain model's hooks only."""
+    plain, model, task = _pair(tiny_data, interval=2)
+    baseline = _hook_counts(plain)
+    seen = []
+    probe = model.decoder.layers[-1].register_forward_pre_hook(lambda m, a: seen.append(_hook_counts(model)))
+    for update in (1, 2, 3):
+        model.set_num_updates(update)
+        with metrics.aggregate(new_root=True):
+            model(**_net_input(task))[0].float().logsumexp(-1).mean().backward()
+    probe.remove()
+    with_probe = (baseline[0] + 1, *baseline[1:])
+    measured = (baseline[0] + 1 + 10, baseline[1], 4)  # update 2: LayerNorm and residual hooks, then the probe
+    assert seen == [with_probe, measured, with_probe, with_probe]
+
+
+def test_deep_copy_of_a_measured_model_carries_no_measurement_hook(tiny_data):
+    """fairseq's EMA deep-copies the model: the copy of a measured model (after a measurement, or taken in
+    the middle of one) has no hook of the instruments and computes the same output."""
+    plain, model, task = _pair(tiny_data)
+    baseline = _hook_counts(plain)
+    with metrics.aggregate(new_root=True):
+        model(**_net_input(task))[0].float().logsumexp(-1).mean().backward()
+    clone = copy.deepcopy(model)
+    assert _hook_counts(clone) == baseline
+    copies = []
+    grab = model.decoder.layers[-1].register_forward_pre_hook(lambda m, a: copies.append(copy.deepcopy(model)))
+    with metrics.aggregate(new_root=True):
+        model(**_net_input(task))
+    grab.remove()
+    assert _hook_counts(copies[0])[2] == 0  # the residual hooks stay with the measured layers
+    model.eval()
+    clone.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(clone(**_net_input(task))[0], model(**_net_input(task))[0])

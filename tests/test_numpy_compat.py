@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy
 import pytest
 import torch
-from fairseq import options, tasks, utils
+from fairseq import options, tasks
 
 import deepnet_fairseq  # noqa: F401  (installs the fixes, as a user's import does)
 from conftest import USER_DIR, cli, logged_updates, run
+from deepnet_fairseq.build import parse_command_line
 from deepnet_fairseq.compat import FAIRSEQ_MODULES_USING_REMOVED_NUMPY, FAIRSEQ_NUMPY, install_numpy2_names
 
 # module-scoped training fixture: keep this file on one xdist worker
@@ -64,10 +65,7 @@ def lm_hub(lm_run, lm_data):
 
 def setup_task(data: Path, task_name: str, *flags: str):
     """``tasks.setup_task`` on a fairseq-train command line (through the plugin)."""
-    parser = options.get_training_parser(default_task=task_name)
-    args = options.parse_args_and_arch(parser, [str(data), "--task", task_name, "--user-dir", USER_DIR, *flags])
-    utils.import_user_module(args)
-    return tasks.setup_task(args)
+    return tasks.setup_task(parse_command_line([data, *flags], task=task_name))
 
 
 def test_lm_trains_with_sample_break_mode_eos(lm_run, lm_data, tiny_data):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import deepnet_fairseq  # noqa: F401  (installs the allow-list)
+import deepnet_fairseq
 from conftest import USER_DIR, cli, fairseq_main, generate_in_process, logged_updates, run, train_args
 from deepnet_fairseq.checkpoints import (
     CHECKPOINT_GLOBALS,
@@ -19,6 +19,9 @@ from deepnet_fairseq.checkpoints import (
     load_checkpoint,
 )
 from deepnet_fairseq.cli.average_checkpoints import main as average_main
+from deepnet_fairseq.fairseq_fixes import FIXES
+
+deepnet_fairseq.register()  # deepnet_fairseq is imported before fairseq here: register explicitly
 
 # module-scoped training fixtures: keep this file on one xdist worker
 pytestmark = pytest.mark.xdist_group("test_plugin_install")
@@ -53,6 +56,8 @@ def test_user_dir_registers_models_in_real_fairseq_train(resumed_and_straight):
     _, straight, _, _ = resumed_and_straight
     assert "DeepNetTransformerModel" in straight
     assert "deepnorm(alpha=" in straight
+    (active,) = [line for line in straight.splitlines() if "fairseq fixes active" in line]
+    assert active.endswith(", ".join(fix.name for fix in FIXES))
 
 
 def test_resume_equals_uninterrupted_run(resumed_and_straight):

@@ -10,7 +10,9 @@ both workers. fairseq loading the binarized data is shown by the train and evalu
 
 from __future__ import annotations
 
+import argparse
 import fcntl
+import importlib.util
 import json
 import os
 import subprocess
@@ -369,6 +371,10 @@ def test_paper_module_equals_paper_tables_md():
     for row in rows:
         for table, cell in zip(tables, row[1:], strict=True):
             assert _hparam_cells(table)[row[0]] == cell, (row[0], table)
+    fig6 = text[text.index("- Fig. 6"):text.index("- Fig. 7")]
+    for values in paper.FIG6_APPROX.values():
+        assert all(f"about {v:g}" in fig6 or f" {v:g} " in fig6 or f"to {v:g}" in fig6 for v in values.values())
+    assert {s for _, schemes in paper.FIG6_PANELS for s in schemes} == set(paper.TABLE1_SCHEMES)
     fig8 = text[text.index("Fig. 8"):].split("\n")[0]
     assert "about " + ", ".join(str(v) for v in paper.FIG8_APPROX.values()) in fig8
     assert "{" + ", ".join(str(d) for d in paper.FIG8_APPROX) + "}" in fig8
@@ -453,3 +459,120 @@ def test_bleu_primary_must_be_computed(tmp_path):
                    capture_output=True)
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["bleu"] == result["fairseq_bleu"] == 37.5 and result["tok_bleu"] == 100.0
+
+
+# ---- Figs. 6 and 8: our runs next to the values read off the paper's figures -------------------------------
+def _collect_results():
+    spec = importlib.util.spec_from_file_location("collect_results", SCRIPTS / "collect_results.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _series(panel: dict) -> dict:
+    return {s["label"]: ([tuple(p) for p in s["points"]], s["reference"]) for s in panel["series"]}
+
+
+def test_collect_results_plots_fig6_with_the_papers_values(tmp_path):
+    grid = tmp_path / "iwslt"
+    _fake_run(grid, "deepnorm", 10, 0, [9.0, 5.0], bleu=30.25)
+    _fake_run(grid, "deepnorm", 20, 0, [9.0, 5.0], bleu=31.0)
+    _fake_run(grid, "post-ln", 10, 0, [9.0, 5.0], bleu=3.5)
+    _fake_run(grid, "post-ln", 20, 3, [9.0, 11.0])  # diverged: plotted at 0, as the paper does
+    _fake_run(grid, "dlcl", 10, 1, [9.0])  # failed: not plotted
+    _fake_run(grid, "rezero", 10, 0, [9.0, 5.0], bleu=26.5)
+    png = tmp_path / "fig" / "fig6.png"
+    assert _collect_results().main([str(grid), "--recipe", "iwslt14", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(png.with_suffix(".json").read_text())
+    assert [p["title"] for p in data["panels"]] == ["Post-LN", "No-LN", "Pre-LN"]
+    post, no_ln, pre = (_series(p) for p in data["panels"])
+    read_off = "paper, read off Fig. 6 (approximate)"
+    assert post["DeepNet"] == ([(10, 30.25), (20, 31.0)], False)
+    assert post["Vanilla Post-LN"] == ([(10, 3.5), (20, 0.0)], False)
+    assert no_ln["ReZero"] == ([(10, 26.5)], False) and "DLCL" not in pre
+    assert "DS-Init" not in post and "Admin" not in post  # no runs, no values read off the figure
+    # every scheme with a value read off Fig. 6 is overlaid, dashed, with exactly paper.py's values
+    overlays = {label.split(":")[0]: points for panel in (post, no_ln, pre)
+                for label, (points, reference) in panel.items() if reference and label.endswith(read_off)}
+    expected = {paper.SCHEME_LABEL[s]: sorted(v.items()) for s, v in paper.FIG6_APPROX.items()}
+    assert overlays == expected
+    assert all(f"DeepNet: {read_off}" in panel for panel in (post, no_ln, pre))
+    assert "read off the figure (approximate)" in data["note"]
+
+
+def test_collect_results_plots_fig8_and_refuses_a_plot_for_table1(tmp_path, capsys):
+    grid = tmp_path / "opus"
+    _fake_run(grid, "deepnorm", 100, 0, [9.0, 5.0], bleu=30.5)
+    _fake_run(grid, "deepnorm", 6, 0, [9.0, 5.0], bleu=24.0)
+    png = tmp_path / "fig8.png"
+    collect = _collect_results()
+    assert collect.main([str(grid), "--recipe", "opus100", "--plot", str(png)]) == 0
+    data = json.loads(png.with_suffix(".json").read_text())
+    (panel,) = data["panels"]
+    assert data["log_x"] and "total layers" in data["xlabel"]
+    assert _series(panel) == {
+        "DeepNet": ([(12, 24.0), (200, 30.5)], False),
+        "DeepNet: paper, read off Fig. 8 (approximate)": (sorted(paper.FIG8_APPROX.items()), True),
+    }
+    with pytest.raises(SystemExit) as exit_:
+        collect.main([str(grid), "--recipe", "wmt17", "--plot", str(png)])
+    assert exit_.value.code == 2 and "--plot" in capsys.readouterr().err
+
+
+# ---- the installed commands outside a checkout ------------------------------------------------------------
+def test_sweep_scores_in_process_without_scripts(tmp_path, monkeypatch):
+    """deepnet-sweep runs only fairseq-train and fairseq-generate; the scoring runs in its own process."""
+    from deepnet_fairseq.cli import sweep
+
+    calls = []
+
+    def fake_run(cmd, stdout=None, **kwargs):
+        calls.append(Path(cmd[0]).name)
+        if calls[-1] == "fairseq-train":
+            stdout.write('x | INFO | valid | {"valid_loss": "5.5"}\nx | INFO | valid | {"valid_loss": "5.0"}\n')
+        elif calls[-1] == "fairseq-generate":
+            stdout.write("S-1\tb\nD-1\t-0.2\tthe old bridge\nD-0\t-0.1\tthe house is small\n")
+        else:
+            raise AssertionError(f"deepnet-sweep ran {cmd}")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    reference = tmp_path / "test.en"
+    reference.write_text("the house is small\nthe old bridge\n")
+    args = argparse.Namespace(threads=1, updates=4, dim=16, lr=1e-3, warmup=2, max_tokens=100)
+    result = sweep.run_one(tmp_path / "bin", reference, tmp_path / "out", "deepnorm", 2, args)
+    assert calls == ["fairseq-train", "fairseq-generate"]
+    assert result["bleu"] == 100.0 and not result["diverged"] and result["final_valid_loss"] == 5.0
+    bleu = json.loads((tmp_path / "out" / "deepnorm_2L" / "bleu.json").read_text())
+    assert bleu["bleu"] == 100.0 and bleu["signature"].startswith("nrefs:1|case:mixed")
+    assert (tmp_path / "out" / "deepnorm_2L" / "test.hyp").read_text() == reference.read_text()
+
+
+@pytest.mark.parametrize("command", ["deepnet-sweep", "deepnet-analyze"])
+def test_bundled_data_outside_a_checkout_asks_for_data(command, tmp_path, monkeypatch, capsys):
+    from deepnet_fairseq.analysis import data
+    from deepnet_fairseq.cli.analyze import main as analyze_main
+    from deepnet_fairseq.cli.sweep import main as sweep_main
+
+    monkeypatch.setattr(data, "CHECKOUT", tmp_path / "site-packages")  # an installed copy: no scripts/, no data/
+    main, argv = {"deepnet-sweep": (sweep_main, ["--schemes", "deepnorm", "--depths", "2"]),
+                  "deepnet-analyze": (analyze_main, ["fig5"])}[command]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "pass --data DIR" in err and "(not found: " in err and "scripts/demo.sh" in err
+    assert not (tmp_path / "out" / "data").exists()
+
+
+def test_read_hypotheses_names_the_first_missing_id(tmp_path):
+    from deepnet_fairseq.evaluation import MissingHypotheses, read_hypotheses
+
+    log = tmp_path / "generate.out"
+    log.write_text("S-1\tx\nH-1\t-0.3\tb\nD-1\t-0.3\tB\nH-0\t-0.2\ta\nD-0\t-0.2\tA\n")
+    assert read_hypotheses(log, 2) == ["A", "B"]  # the D- lines, in sample-id order
+    log.write_text("H-1\t-0.3\tb\nH-0\t-0.2\n")
+    assert read_hypotheses(log, 2) == ["", "b"]  # an empty hypothesis is kept
+    with pytest.raises(MissingHypotheses, match="hypotheses for 2 of 3 reference lines \\(first missing id 2\\)"):
+        read_hypotheses(log, 3)

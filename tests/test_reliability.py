@@ -267,7 +267,8 @@ def test_atomic_copy_survives_sigkill_at_random_moments(tmp_path):
 # "@@ paused" and waits for SIGKILL. argv[4:] is the fairseq-train command line.
 TRAIN_CHILD = r"""
 import os, signal, shutil, sys
-import deepnet_fairseq  # installs the crash-safe PathManager.copy
+import deepnet_fairseq
+deepnet_fairseq.register()  # installs the crash-safe PathManager.copy, registers the models
 from fairseq.file_io import PathManager
 from fairseq_cli import train
 
@@ -391,6 +392,8 @@ GLOO_LAUNCHER = r"""
 import json, os, signal, sys, traceback
 import deepnet_fairseq
 from fairseq_cli import train
+
+deepnet_fairseq.register()  # --user-dir skips a package imported before fairseq
 
 for ranks in json.loads(sys.argv[1]):
     pids = []

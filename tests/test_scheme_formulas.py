@@ -31,7 +31,7 @@ from scipy import stats
 from torch import Tensor, nn
 
 from deepnet_fairseq.schemes import DeepNetConfigError
-from modelkit import build, paper_constants, sample_batch, xavier_std
+from modelkit import build, capture, paper_constants, residual_io, sample_batch, xavier_std
 
 N, M = 3, 2  # encoder / decoder layers of the encoder-decoder models
 LM_LAYERS = 2
@@ -350,46 +350,26 @@ def check_stack_output(stack, side, scheme, forward, last_layer_out):
         assert final is None, f"{scheme} {side} has a final LayerNorm"
         return
     assert isinstance(final, nn.LayerNorm), f"{scheme} {side} lacks its final LayerNorm"
-    seen = {}
-    handles = [final.register_forward_pre_hook(lambda m, a: seen.__setitem__("in", a[0].detach().clone())),
-               final.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o.detach().clone()))]
-    try:
-        with torch.no_grad():
-            forward()
-    finally:
-        for handle in handles:
-            handle.remove()
-    torch.testing.assert_close(seen["out"], ln(final, seen["in"]))
+    with capture({"final": final}) as seen, torch.no_grad():
+        forward()
+    torch.testing.assert_close(seen.outputs["final"], ln(final, seen.inputs["final"]))
     if scheme != "dlcl":
-        torch.testing.assert_close(seen["in"], last_layer_out)
+        torch.testing.assert_close(seen.inputs["final"], last_layer_out)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # DLCL: the layer-input combinations, per-entry LayerNorms, window and their gradients
 
 
-def _keep(store, key, index, module, args, output=None):
-    value = args[0] if output is None else (output[0] if isinstance(output, tuple) else output)
-    store[key][index] = value.detach().clone()
-
-
 def capture_dlcl(stack, forward):
     """y_0 (the embedding output, before DLCL's hook), each layer's input (after the combination) and output
     y_l, and the final LayerNorm's input."""
-    layers = list(stack.layers)
-    seen = {"in": [None] * len(layers), "y": [None] * (len(layers) + 1), "final": [None]}
-    handles = [layers[0].register_forward_pre_hook(partial(_keep, seen, "y", 0), prepend=True)]
-    for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(partial(_keep, seen, "in", i)))
-        handles.append(layer.register_forward_hook(partial(_keep, seen, "y", i + 1)))
-    handles.append(stack.layer_norm.register_forward_pre_hook(partial(_keep, seen, "final", 0)))
-    try:
-        with torch.no_grad():
-            forward()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
+    layers = {str(i): layer for i, layer in enumerate(stack.layers)}
+    with capture({"y0": stack.layers[0]}, outputs=False, prepend=True) as embedded, capture(layers) as seen, \
+            capture({"final": stack.layer_norm}, outputs=False) as final, torch.no_grad():
+        forward()
+    return {"in": [seen.inputs[i] for i in layers], "y": [embedded.inputs["y0"], *(seen.outputs[i] for i in layers)],
+            "final": [final.inputs["final"]]}
 
 
 @pytest.mark.parametrize("window", [-1, 1, 2])
@@ -434,23 +414,6 @@ def test_dlcl_init_is_the_lower_triangular_average(tiny_data):
 # Admin: the profiled ratios, on every sub-layer of every stack (encoder-decoder and decoder-only)
 
 
-def _sublayer_pairs(layer, cross: bool):
-    """Hooks giving, for each sub-layer in forward order, its residual input x and its branch G(x)."""
-    slot, handles = {}, []
-
-    def keep(key, first, module, args, output):
-        slot[key] = (output[0] if first else output).detach().clone()
-
-    handles.append(layer.register_forward_pre_hook(lambda m, a: slot.__setitem__("x_self_attn", a[0].detach())))
-    handles.append(layer.self_attn.register_forward_hook(partial(keep, "g_self_attn", True)))
-    handles.append(layer.self_attn_layer_norm.register_forward_hook(partial(keep, "x_next", False)))
-    if cross:
-        handles.append(layer.encoder_attn.register_forward_hook(partial(keep, "g_encoder_attn", True)))
-        handles.append(layer.encoder_attn_layer_norm.register_forward_hook(partial(keep, "x_ffn", False)))
-    handles.append(layer.fc2.register_forward_hook(partial(keep, "g_ffn", False)))
-    return slot, handles
-
-
 @pytest.mark.parametrize("lm", [False, True], ids=["enc-dec", "lm"])
 def test_admin_profiled_omegas_accumulate_branch_variances(tiny_data, lm_data, lm):
     """Per stack: w_1 = 1, then w_{i+1} = sqrt(Var[x_i w_i] + Var[G_i(x_i)]) over the sub-layers in order."""
@@ -462,27 +425,15 @@ def test_admin_profiled_omegas_accumulate_branch_variances(tiny_data, lm_data, l
     for side, stack in stacks(model):
         cross = side == "decoder" and not lm
         subs = ("self_attn", "encoder_attn", "ffn") if cross else ("self_attn", "ffn")
-        slots, handles = [], []
-        for layer in stack.layers:
-            assert float(layer.admin_profiled) == 1.0
-            slot, hs = _sublayer_pairs(layer, cross)
-            slots.append(slot)
-            handles += hs
-        try:
-            with torch.no_grad():
-                forward()
-        finally:
-            for handle in handles:
-                handle.remove()
+        assert all(float(layer.admin_profiled) == 1.0 for layer in stack.layers)
+        with torch.no_grad():
+            io = residual_io(stack.layers, forward, cross)  # per layer, per sub-layer: (x, G(x), LN input)
         ratio = 1.0
-        for layer, slot in zip(stack.layers, slots, strict=True):
-            inputs = {"self_attn": slot["x_self_attn"], "encoder_attn": slot["x_next"],
-                      "ffn": slot["x_ffn"] if cross else slot["x_next"]}
-            for sub in subs:
+        for layer, sublayers in zip(stack.layers, io, strict=True):
+            for sub, (x, g, _) in zip(subs, sublayers, strict=True):
                 omega = getattr(layer, f"admin_omega_{sub}").detach()
                 torch.testing.assert_close(omega, torch.full_like(omega, ratio), rtol=1e-4, atol=1e-6,
                                            msg=f"{side} {sub}")
-                x, g = inputs[sub], slot[f"g_{sub}"]
                 ratio = math.sqrt((x * omega).var(unbiased=False).item() + g.var(unbiased=False).item())
     profiled = {name: p.detach().clone() for name, p in model.named_parameters() if "admin_omega" in name}
     model.train()

@@ -12,7 +12,7 @@ from torch import nn
 
 from conftest import USER_DIR, fairseq_main, generate_in_process, logged_updates, train_args
 from deepnet_fairseq.schemes import SCHEME_NAMES, DeepNetConfigError
-from modelkit import build, check_ln_inputs, pooled_std, sample_batch
+from modelkit import build, capture, check_ln_inputs, pooled_std, residual_io, sample_batch
 
 N, M = 3, 2
 XAVIER_UNIFORM_STD = math.sqrt(2 / (64 + 64)), math.sqrt(2 / (64 + 128))  # square / FFN matrices, d=64
@@ -24,29 +24,9 @@ def scheme_model(data, name, *flags, n=N, m=M):
 
 def layer_io(layers, run_forward):
     """[(input, output)] of every layer (first positional input; output's first item)."""
-    records, hooks = [], []
-    for layer in layers:
-        slot = {}
-        records.append(slot)
-        hooks.append(layer.register_forward_pre_hook(lambda m, a, s=slot: s.__setitem__("in", a[0].detach().clone())))
-        hooks.append(layer.register_forward_hook(
-            lambda m, a, o, s=slot: s.__setitem__("out", (o[0] if isinstance(o, tuple) else o).detach().clone())))
-    try:
+    with capture({str(i): layer for i, layer in enumerate(layers)}) as seen:
         run_forward()
-    finally:
-        for h in hooks:
-            h.remove()
-    return [(r["in"], r["out"]) for r in records]
-
-
-def capture(module, pre=True):
-    store = {}
-    if pre:
-        handle = module.register_forward_pre_hook(lambda m, a: store.__setitem__("x", a[0].detach().clone()))
-    else:
-        handle = module.register_forward_hook(
-            lambda m, a, o: store.__setitem__("x", (o[0] if isinstance(o, tuple) else o).detach().clone()))
-    return store, handle
+    return [(seen.inputs[str(i)], seen.outputs[str(i)]) for i in range(len(layers))]
 
 
 def is_normalized(x, eps=1e-3):
@@ -80,15 +60,10 @@ def test_pre_ln_normalizes_before_each_sublayer_and_has_final_norm(tiny_data):
     model, task = scheme_model(tiny_data, "pre-ln")
     src, lengths, prev = sample_batch(task)
     layer = model.encoder.layers[1]
-    ln_out, h1 = capture(layer.self_attn_layer_norm, pre=False)
-    attn_in = {}
-    h2 = layer.self_attn.register_forward_pre_hook(
-        lambda m, a, k: attn_in.__setitem__("q", k["query"].detach().clone()), with_kwargs=True)
-    with torch.no_grad():
+    with capture({"ln": layer.self_attn_layer_norm}, inputs=False) as ln_out, \
+            capture({"attn": layer.self_attn}, outputs=False, input_key="query") as attn_in, torch.no_grad():
         io = layer_io(model.encoder.layers, lambda: model(src, lengths, prev))
-    h1.remove()
-    h2.remove()
-    torch.testing.assert_close(attn_in["q"], ln_out["x"])
+    torch.testing.assert_close(attn_in.inputs["attn"], ln_out.outputs["ln"])
     assert not is_normalized(io[-1][1])  # layer outputs are raw residual streams
     assert isinstance(model.encoder.layer_norm, nn.LayerNorm) and isinstance(model.decoder.layer_norm, nn.LayerNorm)
     enc_out = model.encoder(src, src_lengths=lengths)["encoder_out"][0]
@@ -127,34 +102,7 @@ def test_ds_init_bound_per_depth(tiny_data, exponent):
 
 def _sublayer_inputs_and_branches(stack, run_forward, cross: bool):
     """[(x_i, G_i(x_i))] for every sub-layer of ``stack`` in forward order (x_i: the residual input)."""
-    slots, hooks = [], []
-
-    def keep(slot, key, first=False):
-        return lambda m, a, o: slot.__setitem__(key, (o[0] if first else o).detach().clone())
-
-    for layer in stack.layers:
-        slot = {}
-        slots.append(slot)
-        hooks.append(layer.register_forward_pre_hook(lambda m, a, s=slot: s.__setitem__("x_self", a[0].clone())))
-        hooks.append(layer.self_attn.register_forward_hook(keep(slot, "g_self", first=True)))
-        hooks.append(layer.self_attn_layer_norm.register_forward_hook(keep(slot, "x_after_self")))
-        if cross:
-            hooks.append(layer.encoder_attn.register_forward_hook(keep(slot, "g_cross", first=True)))
-            hooks.append(layer.encoder_attn_layer_norm.register_forward_hook(keep(slot, "x_after_cross")))
-        hooks.append(layer.fc2.register_forward_hook(keep(slot, "g_ffn")))
-    try:
-        run_forward()
-    finally:
-        for h in hooks:
-            h.remove()
-    pairs = []
-    for slot in slots:
-        pairs.append((slot["x_self"], slot["g_self"]))
-        if cross:
-            pairs += [(slot["x_after_self"], slot["g_cross"]), (slot["x_after_cross"], slot["g_ffn"])]
-        else:
-            pairs.append((slot["x_after_self"], slot["g_ffn"]))
-    return pairs
+    return [(x, g) for layer in residual_io(stack.layers, run_forward, cross) for x, g, _ in layer]
 
 
 def test_admin_profiled_ratios_equal_accumulated_variances(tiny_data):
@@ -237,15 +185,14 @@ def test_dlcl_weights_are_lower_triangular_average_and_combine_history(tiny_data
         assert torch.allclose(weights[row, : row + 1], torch.full((row + 1,), 1 / (row + 1)))
         assert torch.count_nonzero(weights[row, row + 1:]) == 0
     src, lengths, prev = sample_batch(task)
-    embedded, h = capture(model.encoder.layers[0], pre=True)  # after the hook: already combined (= LN_0(y0))
-    with torch.no_grad():
+    # after DLCL's hook: already combined (= LN_0(y0))
+    with capture({"layer0": model.encoder.layers[0]}, outputs=False) as embedded, torch.no_grad():
         io = layer_io(model.encoder.layers, lambda: model(src, lengths, prev))
-    h.remove()
     ln = nn.functional.layer_norm
     y = [io[0][0], io[0][1], io[1][1]]  # LN_0(y0) is what layer 1 received; y1, y2 raw outputs
     expected_layer3_in = (y[0] + ln(y[1], (64,)) + ln(y[2], (64,))) / 3
     torch.testing.assert_close(io[2][0], expected_layer3_in, rtol=1e-5, atol=1e-5)
-    assert is_normalized(embedded["x"])
+    assert is_normalized(embedded.inputs["layer0"])
 
 
 @pytest.mark.parametrize("name", ["normformer", "sub-ln", "sandwich-ln"])
@@ -253,26 +200,20 @@ def test_inner_normalization_schemes(tiny_data, name):
     model, task = scheme_model(tiny_data, name)
     src, lengths, prev = sample_batch(task)
     layer = model.decoder.layers[1]
-    stores, hooks = {}, []
-    for key, module, pre in (("fc2_in", layer.fc2, True), ("fc2_out", layer.fc2, False),
-                             ("attn_out", layer.self_attn, False), ("out_proj_in", layer.self_attn.out_proj, True)):
-        stores[key], handle = capture(module, pre=pre)
-        hooks.append(handle)
-    with torch.no_grad():
+    with capture({"fc2": layer.fc2, "out_proj": layer.self_attn.out_proj}, outputs=False) as received, \
+            capture({"fc2": layer.fc2, "attn": layer.self_attn}, inputs=False) as returned, torch.no_grad():
         model(src, lengths, prev)
-    for h in hooks:
-        h.remove()
     assert model.encoder.layer_norm is not None and model.decoder.layer_norm is not None  # Pre-LN family
     if name == "normformer":
-        assert is_normalized(stores["fc2_in"]["x"]) and is_normalized(stores["attn_out"]["x"])
+        assert is_normalized(received.inputs["fc2"]) and is_normalized(returned.outputs["attn"])
         assert torch.equal(layer.normformer_head_scale.weight, torch.ones(2))
         assert hasattr(model.encoder.layers[0], "normformer_attn_ln")
     elif name == "sub-ln":
-        assert is_normalized(stores["fc2_in"]["x"]) and is_normalized(stores["out_proj_in"]["x"])
+        assert is_normalized(received.inputs["fc2"]) and is_normalized(received.inputs["out_proj"])
         gamma = math.sqrt(math.log(3 * M))
         assert pooled_std(model.decoder.layers, "fc1") == pytest.approx(XAVIER_UNIFORM_STD[1] * gamma, rel=0.1)
     else:
-        assert is_normalized(stores["fc2_out"]["x"]) and is_normalized(stores["attn_out"]["x"])
+        assert is_normalized(returned.outputs["fc2"]) and is_normalized(returned.outputs["attn"])
         assert pooled_std(model.decoder.layers, "fc2") == pytest.approx(0.02 / math.sqrt(2 * M), rel=0.1)
 
 

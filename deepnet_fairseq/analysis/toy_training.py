@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Sequence
 
 import torch
-from fairseq import options, tasks, utils
+from fairseq import utils
 from fairseq.logging import metrics
 from torch import nn
 
-USER_DIR = str(Path(__file__).resolve().parent.parent)
+from deepnet_fairseq.build import build_from_command_line
 
 
 @dataclass
@@ -34,9 +34,9 @@ class ToySetup:
 
 
 def build_model_and_task(data: Path, scheme: str, layers: int, setup: ToySetup, extra: Sequence[str] = ()):
-    """Parse a ``fairseq-train`` command line for a toy model and build task, model and criterion."""
+    """Build ``(args, task, model, criterion)`` from a toy ``fairseq-train`` command line (seed ``setup.seed``)."""
     argv = [
-        str(data), "--user-dir", USER_DIR, "--task", "translation", "--arch", "deepnet_transformer", "--cpu",
+        data, "--arch", "deepnet_transformer", "--cpu",
         "--residual-scheme", scheme, "--encoder-layers", str(layers), "--decoder-layers", str(layers),
         "--encoder-embed-dim", str(setup.embed_dim), "--decoder-embed-dim", str(setup.embed_dim),
         "--encoder-ffn-embed-dim", str(setup.ffn_dim), "--decoder-ffn-embed-dim", str(setup.ffn_dim),
@@ -45,12 +45,7 @@ def build_model_and_task(data: Path, scheme: str, layers: int, setup: ToySetup, 
         "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--max-tokens",
         str(setup.max_tokens), *extra,
     ]
-    parser = options.get_training_parser(default_task="translation")
-    args = options.parse_args_and_arch(parser, argv)
-    utils.import_user_module(args)
-    task = tasks.setup_task(args)
-    torch.manual_seed(setup.seed)
-    model = task.build_model(args)
+    model, task, args = build_from_command_line(argv, seed=setup.seed)
     criterion = task.build_criterion(args)
     return args, task, model, criterion
 

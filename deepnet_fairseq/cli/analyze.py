@@ -39,13 +39,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     import torch
 
-    import deepnet_fairseq  # noqa: F401  (registers the models)
-    from deepnet_fairseq.analysis.data import ensure_bundled_data
+    import deepnet_fairseq
+    from deepnet_fairseq.analysis.data import data_or_bundled
     from deepnet_fairseq.analysis.figures import gradients_and_ln_inputs, model_update_vs_depth
     from deepnet_fairseq.analysis.toy_training import ToySetup
 
+    deepnet_fairseq.register()
     torch.set_num_threads(args.threads)
-    data = args.data or ensure_bundled_data(args.out)
+    data = data_or_bundled(parser, args.data, args.out)
     if not (data / "dict.en.txt").exists() and not any(data.glob("dict.*.txt")):
         parser.error(f"--data {data}: no fairseq dictionary (dict.*.txt) found")
     setup = ToySetup(lr=args.lr, warmup=args.warmup, max_tokens=args.max_tokens)

@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
+import deepnet_fairseq
 from deepnet_fairseq.checkpoints import atomic_write, load_checkpoint
 from deepnet_fairseq.export import ExportError, export_state
 
@@ -103,6 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if not Path(args.checkpoint).is_file():
         parser.error(f"checkpoint {args.checkpoint}: no such file")
+    deepnet_fairseq.register()  # the checkpoint's --arch is looked up among the registered architectures
     ct2_only = {"--data": args.data, "--quantization": args.quantization, "--source-lang": args.source_lang,
                 "--target-lang": args.target_lang, "--force": args.force or None}
     try:

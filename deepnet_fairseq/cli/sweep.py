@@ -16,7 +16,6 @@ every run keeps its logs under ``--out/<scheme>_<N>L``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -27,12 +26,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from deepnet_fairseq.analysis.data import data_or_bundled
 from deepnet_fairseq.cli.arguments import require_positive
 from deepnet_fairseq.divergence import DIVERGED_EXIT_CODE
+from deepnet_fairseq.evaluation import score_generate_output
+from deepnet_fairseq.results import Panel, Series, csv_text, markdown_grid, plot_bleu_vs_depth
 from deepnet_fairseq.schemes import SCHEME_NAMES
 
-REPO = Path(__file__).resolve().parent.parent.parent
-USER_DIR = REPO / "deepnet_fairseq"
+USER_DIR = Path(__file__).resolve().parent.parent  # the installed plugin package, for --user-dir
 DEFAULT_SCHEMES = ("post-ln", "pre-ln", "deepnorm")
 DEFAULT_DEPTHS = (6, 18)
 
@@ -101,11 +102,8 @@ def run_one(data: Path, reference: Path, out: Path, scheme: str, layers: int, ar
     if code == 0:
         with open(run_dir / "generate.out", "w") as gen:
             subprocess.run(generate_command(data, run_dir), stdout=gen, stderr=subprocess.DEVNULL, env=env, check=True)
-        subprocess.run([sys.executable, str(REPO / "scripts" / "score_bleu.py"), "--name", f"{scheme}_{layers}L",
-                        "--generate-log", str(run_dir / "generate.out"), "--reference", str(reference),
-                        "--hyp-out", str(run_dir / "test.hyp"), "--json", str(run_dir / "bleu.json")],
-                       check=True, stdout=subprocess.DEVNULL)
-        bleu = json.loads((run_dir / "bleu.json").read_text())["bleu"]
+        bleu = score_generate_output(run_dir / "generate.out", reference, run_dir / "test.hyp",
+                                     run_dir / "bleu.json")["bleu"]
     result = {
         "scheme": scheme, "layers": layers, "updates": args.updates, "exit_code": code, "diverged": diverged,
         "valid_losses": losses, "final_valid_loss": losses[-1] if losses else None, "bleu": bleu,
@@ -127,32 +125,19 @@ def cell(result: Dict[str, object]) -> str:
 def table(results: Sequence[Dict[str, object]], schemes: Sequence[str], depths: Sequence[int]) -> str:
     """Markdown in the paper's Table 1 layout: BLEU (final validation loss) or "diverged"."""
     by_key = {(r["scheme"], r["layers"]): r for r in results}
-    lines = ["| scheme | " + " | ".join(f"{d}L-{d}L" for d in depths) + " |",
-             "|---|" + "---|" * len(depths)]
-    for scheme in schemes:
-        cells = [cell(by_key[(scheme, d)]) if (scheme, d) in by_key else "-" for d in depths]
-        lines.append(f"| {scheme} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [(scheme, [cell(by_key[(scheme, d)]) if (scheme, d) in by_key else "-" for d in depths])
+            for scheme in schemes]
+    return markdown_grid("scheme", [f"{d}L-{d}L" for d in depths], rows)
 
 
-def plot(results: Sequence[Dict[str, object]], schemes: Sequence[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for scheme in schemes:
-        points = sorted((r["layers"], r["bleu"] if not r["diverged"] else 0.0) for r in results
-                        if r["scheme"] == scheme)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=scheme)
-    ax.set(xlabel="layers per side (N = M)", ylabel="test BLEU (0 = diverged)",
-           title="BLEU vs depth at toy scale (DeepNet Fig. 6 layout)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def plot(results: Sequence[Dict[str, object]], schemes: Sequence[str], path: Path) -> Path:
+    """BLEU vs depth, one line per scheme (a diverged run at 0); returns the JSON of the plotted series."""
+    series = tuple(
+        Series(scheme, tuple(sorted((r["layers"], 0.0 if r["diverged"] else r["bleu"]) for r in results
+                                    if r["scheme"] == scheme)))
+        for scheme in schemes)
+    return plot_bleu_vs_depth([Panel("", series)], path, title="BLEU vs depth at toy scale (DeepNet Fig. 6 layout)",
+                              xlabel="layers per side (N = M)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -178,9 +163,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(" ".join(train_command(Path("DATA"), args.out / f"{scheme}_{layers}L", scheme, layers, args)))
         return 0
 
-    from deepnet_fairseq.analysis.data import ensure_bundled_data
-
-    data = args.data or ensure_bundled_data(args.out)
+    data = data_or_bundled(parser, args.data, args.out)
     reference = data.parent / "text" / "test.en"
     if not reference.exists():
         parser.error(f"--data {data}: expected the raw test references at {reference}")
@@ -190,14 +173,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results = list(pool.map(lambda cell_: run_one(data, reference, args.out, *cell_, args), grid))
     markdown = table(results, args.schemes, args.depths)
     (args.out / "table.md").write_text(markdown + "\n")
-    with open(args.out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["scheme", "layers", "updates", "diverged", "final_valid_loss", "bleu",
-                                               "exit_code", "seconds"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(results)
+    columns = ["scheme", "layers", "updates", "diverged", "final_valid_loss", "bleu", "exit_code", "seconds"]
+    (args.out / "results.csv").write_text(csv_text(columns, ([r[c] for c in columns] for r in results)))
     plot(results, args.schemes, args.out / "bleu_vs_depth.png")
     print(markdown)
-    print(f"wrote {args.out / 'table.md'}, results.csv and bleu_vs_depth.png")
+    print(f"wrote {args.out / 'table.md'}, results.csv and bleu_vs_depth.png (+ .json)")
     return 0
 
 

@@ -19,16 +19,17 @@ from fairseq.models.transformer_lm import (
 )
 from fairseq.utils import safe_getattr
 
-from deepnet_fairseq.models.options import DeepNetConfigError, DeepNormOptions, build_schemes, validate_shapes
+from deepnet_fairseq.models.options import DeepNetOptions, validate_shapes
+from deepnet_fairseq.models.plan import plan_model
 from deepnet_fairseq.models.training import DeepNetModelMixin, attach_instruments, training_forward
 from deepnet_fairseq.modules.stacks import DeepNetDecoder
-from deepnet_fairseq.scheme_record import model_record
+from deepnet_fairseq.schemes import DeepNetConfigError
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class DeepNetLMConfig(TransformerLanguageModelConfig, DeepNormOptions):
+class DeepNetLMConfig(TransformerLanguageModelConfig, DeepNetOptions):
     """fairseq's ``transformer_lm`` options plus the DeepNorm options."""
 
 
@@ -43,10 +44,9 @@ class DeepNetLanguageModel(DeepNetModelMixin, TransformerLanguageModel):
                 "deepnet_lm supports token embeddings only: remove --character-embeddings / --adaptive-input"
             )
         validate_shapes(args, ("decoder",))
-        # the trained depth: --decoder-layers-to-keep prunes layers but the kept ones keep their constants
-        layers = args.decoder_layers
-        _, scheme = build_schemes(args, 0, layers)
-        logger.info("deepnet_lm %dL: %s", layers, scheme.describe())
+        plan = plan_model(args, ("decoder",))
+        plan.apply_layer_norm_placement(args)
+        logger.info(plan.describe("deepnet_lm"))
         if args.decoder_layers_to_keep:
             args.decoder_layers = len(args.decoder_layers_to_keep.split(","))
         if safe_getattr(args, "max_target_positions", None) is None:
@@ -57,11 +57,11 @@ class DeepNetLanguageModel(DeepNetModelMixin, TransformerLanguageModel):
             TransformerConfig.from_namespace(args),
             task.target_dictionary,
             embed_tokens,
-            scheme,
+            plan.decoder,
             no_encoder_attn=True,
         )
         model = cls(decoder)
-        model.residual_scheme_record = model_record(None, scheme)
+        model.residual_scheme_record = plan.record()
         attach_instruments(model, args)
         return model
 

@@ -35,23 +35,18 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from deepnet_fairseq.models.options import (
-    DeepNormOptions,
-    build_schemes,
+    DeepNetOptions,
     fill_option_defaults,
-    flag,
     resolve_scheme_name,
     validate_shapes,
 )
-from deepnet_fairseq.models.training import DeepNetModelMixin, training_forward
+from deepnet_fairseq.models.plan import plan_model
+from deepnet_fairseq.models.training import DeepNetModelMixin, attach_instruments, training_forward
 from deepnet_fairseq.modules.layers import DeepNetEncoderLayer
 from deepnet_fairseq.modules.stacks import DeepNetEncoder, wrap_layer
-from deepnet_fairseq.scheme_record import model_record
-from deepnet_fairseq.schemes import SCHEMES, DeepNetConfigError, ResidualScheme
+from deepnet_fairseq.schemes import SCHEMES, ResidualScheme
 
 logger = logging.getLogger(__name__)
-
-# plugin options that need a decoder today (the instruments and the divergence guard read model.decoder)
-DECODER_ONLY_OPTIONS = ("log_stability", "stop_on_divergence_patience")
 
 
 class DeepNetRobertaEncoderLayer(DeepNetEncoderLayer):
@@ -103,7 +98,7 @@ class DeepNetRobertaModel(DeepNetModelMixin, RobertaModel):
     def add_args(cls, parser):
         RobertaModel.add_args(parser)
         # no defaults on the parser: architecture functions fill them (fairseq's legacy convention)
-        gen_parser_from_dataclass(parser, DeepNormOptions(), delete_default=True, with_prefix="")
+        gen_parser_from_dataclass(parser, DeepNetOptions(), delete_default=True, with_prefix="")
 
     @classmethod
     def build_model(cls, args, task):
@@ -111,21 +106,17 @@ class DeepNetRobertaModel(DeepNetModelMixin, RobertaModel):
             # fairseq-hydra-train hands legacy models a DictConfig; a Namespace keeps every field
             args = argparse.Namespace(**OmegaConf.to_container(args, resolve=True))
         deepnet_roberta_architecture(args)
-        for option in DECODER_ONLY_OPTIONS:
-            if getattr(args, option, None) not in (None, False):
-                raise DeepNetConfigError(
-                    f"{flag(option)} is not supported by deepnet_roberta yet (encoder-only models); remove it"
-                )
         validate_shapes(args, ("encoder",))
-        # the trained depth: --encoder-layers-to-keep prunes layers but the kept ones keep their constants
-        scheme, _ = build_schemes(args, args.encoder_layers, 0)
-        logger.info("deepnet_roberta %dL: %s", args.encoder_layers, scheme.describe())
+        plan = plan_model(args, ("encoder",))
+        plan.apply_layer_norm_placement(args)
+        logger.info(plan.describe("deepnet_roberta"))
         if not safe_hasattr(args, "max_positions"):
             if not safe_hasattr(args, "tokens_per_sample"):
                 args.tokens_per_sample = task.max_positions()
             args.max_positions = args.tokens_per_sample
-        model = cls(args, DeepNetRobertaEncoder(args, task.source_dictionary, scheme))
-        model.residual_scheme_record = model_record(scheme, None)
+        model = cls(args, DeepNetRobertaEncoder(args, task.source_dictionary, plan.encoder))
+        model.residual_scheme_record = plan.record()
+        attach_instruments(model, args)
         return model
 
     def forward(self, src_tokens, *args, **kwargs):

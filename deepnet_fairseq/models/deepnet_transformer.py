@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 from contextvars import ContextVar
-from typing import Optional, Tuple
+from typing import Optional
 
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import register_model, register_model_architecture
@@ -20,16 +20,10 @@ from fairseq.models.transformer import TransformerConfig
 from fairseq.models.transformer.transformer_legacy import TransformerModel, base_architecture
 from omegaconf import OmegaConf
 
-from deepnet_fairseq.models.options import (
-    DeepNormOptions,
-    build_schemes,
-    fill_option_defaults,
-    validate_shapes,
-)
+from deepnet_fairseq.models.options import DeepNetOptions, fill_option_defaults, validate_shapes
+from deepnet_fairseq.models.plan import ModelPlan, plan_model
 from deepnet_fairseq.models.training import DeepNetModelMixin, attach_instruments, training_forward
 from deepnet_fairseq.modules.stacks import DeepNetDecoder, DeepNetEncoder
-from deepnet_fairseq.scheme_record import model_record
-from deepnet_fairseq.schemes import ResidualScheme
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +36,7 @@ class DeepNetTransformerModel(DeepNetModelMixin, TransformerModel):
     def add_args(cls, parser):
         super().add_args(parser)
         # no defaults on the parser: architecture functions fill them (fairseq's legacy convention)
-        gen_parser_from_dataclass(parser, DeepNormOptions(), delete_default=True, with_prefix="")
+        gen_parser_from_dataclass(parser, DeepNetOptions(), delete_default=True, with_prefix="")
 
     @classmethod
     def build_model(cls, args, task):
@@ -51,22 +45,16 @@ class DeepNetTransformerModel(DeepNetModelMixin, TransformerModel):
             args = argparse.Namespace(**OmegaConf.to_container(args, resolve=True))
         deepnet_transformer_architecture(args)
         validate_shapes(args, ("encoder", "decoder"))
-        # the trained depths: --*-layers-to-keep prunes layers but the kept ones keep their constants
-        encoder_layers, decoder_layers = args.encoder_layers, args.decoder_layers
-        schemes = build_schemes(args, encoder_layers, decoder_layers)
-        logger.info(
-            "deepnet_transformer %dL-%dL: encoder %s, decoder %s",
-            encoder_layers,
-            decoder_layers,
-            schemes[0].describe(),
-            schemes[1].describe(),
-        )
-        token = _BUILDING_SCHEMES.set(schemes)
+        plan = plan_model(args, ("encoder", "decoder"))
+        plan.apply_layer_norm_placement(args)
+        logger.info(plan.describe("deepnet_transformer"))
+        # fairseq's build_model prunes --*-layers-to-keep and calls the build_encoder/build_decoder hooks
+        token = _BUILDING_PLAN.set(plan)
         try:
             model = super().build_model(args, task)
         finally:
-            _BUILDING_SCHEMES.reset(token)
-        model.residual_scheme_record = model_record(*schemes)
+            _BUILDING_PLAN.reset(token)
+        model.residual_scheme_record = plan.record()
         attach_instruments(model, args)
         return model
 
@@ -79,27 +67,28 @@ class DeepNetTransformerModel(DeepNetModelMixin, TransformerModel):
 
     @classmethod
     def build_encoder(cls, args, src_dict, embed_tokens):
-        cfg = TransformerConfig.from_namespace(args)
-        scheme, _ = _schemes_for(args, cfg)
-        return DeepNetEncoder(cfg, src_dict, embed_tokens, scheme)
+        return DeepNetEncoder(TransformerConfig.from_namespace(args), src_dict, embed_tokens, _building_plan().encoder)
 
     @classmethod
     def build_decoder(cls, args, tgt_dict, embed_tokens):
         cfg = TransformerConfig.from_namespace(args)
-        _, scheme = _schemes_for(args, cfg)
-        return DeepNetDecoder(cfg, tgt_dict, embed_tokens, scheme, no_encoder_attn=cfg.no_cross_attention)
+        return DeepNetDecoder(cfg, tgt_dict, embed_tokens, _building_plan().decoder,
+                              no_encoder_attn=cfg.no_cross_attention)
 
 
-# The schemes build_model resolved for the trained depths, while fairseq's build_model calls the
+# The plan build_model resolved for the trained depths, while fairseq's build_model calls the
 # build_encoder/build_decoder hooks with the (possibly pruned) layer counts.
-_BUILDING_SCHEMES: ContextVar[Optional[Tuple[ResidualScheme, ResidualScheme]]] = ContextVar(
-    "deepnet_building_schemes", default=None
-)
+_BUILDING_PLAN: ContextVar[Optional[ModelPlan]] = ContextVar("deepnet_building_plan", default=None)
 
 
-def _schemes_for(args, cfg) -> Tuple[ResidualScheme, ResidualScheme]:
-    schemes = _BUILDING_SCHEMES.get()
-    return schemes if schemes is not None else build_schemes(args, cfg.encoder.layers, cfg.decoder.layers)
+def _building_plan() -> ModelPlan:
+    plan = _BUILDING_PLAN.get()
+    if plan is None:
+        raise RuntimeError(
+            "DeepNetTransformerModel.build_encoder/build_decoder are called by its build_model, which resolves "
+            "the residual scheme for both sides first; build the model with build_model (or task.build_model)"
+        )
+    return plan
 
 
 @register_model_architecture("deepnet_transformer", "deepnet_transformer")

@@ -1,59 +1,29 @@
-"""The plugin's command-line/config options, declared once as a dataclass, and their validation.
+"""The plugin's command-line/config options: the run-level ones declared here, each scheme's own taken
+from its ``Options`` dataclass in the scheme registry, merged into one dataclass.
 
 ``fairseq-train`` sees them through ``gen_parser_from_dataclass`` and ``fairseq-hydra-train`` through
-the same field names in YAML, so both entry points share one definition.
+the same field names in YAML, so both entry points share one definition.  Adding a scheme with a flag
+touches only the scheme's module: its ``Options`` field becomes a flag here and is owned by the scheme
+(refused with any other ``--residual-scheme``).
 """
 
-from dataclasses import dataclass, field
-from typing import Optional, Tuple
+import typing
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Dict, Iterable, Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
-from deepnet_fairseq.schemes import SCHEME_NAMES, DeepNetConfigError, ResidualScheme, SchemeContext, build_scheme
-from deepnet_fairseq.schemes.deepnorm import DEEPNORM_INITS, parse_side_values
+from deepnet_fairseq.schemes import SCHEME_NAMES, SCHEMES, DeepNetConfigError
 
 
 @dataclass
-class DeepNormOptions(FairseqDataclass):
+class RunOptions:
+    """Options of every deepnet model, whatever its scheme."""
+
     residual_scheme: ChoiceEnum(SCHEME_NAMES) = field(
         default="post-ln", metadata={"help": "how every sub-layer combines x and G(x), and its init (see README)"}
     )
     deepnorm: bool = field(default=False, metadata={"help": "alias of --residual-scheme deepnorm"})
-    deepnorm_init: Optional[ChoiceEnum(DEEPNORM_INITS)] = field(
-        default=None,
-        metadata={
-            "help": "deepnorm: paper (default): xavier_normal(gain=beta) on fc1/fc2/v_proj/out_proj, gain 1 on q/k, "
-            "zero biases; torchscale: nn.Linear default init scaled by beta (biases too), encoder constant 1.15"
-        },
-    )
-    deepnorm_alpha: Optional[str] = field(
-        default=None, metadata={"help": "deepnorm: override alpha, one value for both sides or ENCODER,DECODER"}
-    )
-    deepnorm_beta: Optional[str] = field(
-        default=None, metadata={"help": "deepnorm: override beta, one value for both sides or ENCODER,DECODER"}
-    )
-    post_ln_init_scope: Optional[ChoiceEnum(["all", "ffn-out"])] = field(
-        default=None, metadata={"help": "post-ln-init: shrink all linears of layer l (default) or only fc2"}
-    )
-    ds_init_alpha: Optional[float] = field(default=None, metadata={"help": "ds-init: the paper's alpha in (0, 1]"})
-    ds_init_exponent: Optional[float] = field(
-        default=None, metadata={"help": "ds-init: depth exponent, 0.5 (paper, default) or 0.25 (reference code)"}
-    )
-    admin_omega_trainable: bool = field(
-        default=False, metadata={"help": "admin-closed: make omega a trainable vector per sub-layer"}
-    )
-    allow_rezero_fp16: bool = field(
-        default=False, metadata={"help": "rezero: allow --fp16 (the DeepNet paper found ReZero unstable in fp16)"}
-    )
-    dlcl_history_window: Optional[int] = field(
-        default=None, metadata={"help": "dlcl: combine only the last K layer outputs (-1 = all, default)"}
-    )
-    normformer_head_scale_position: Optional[ChoiceEnum(["paper", "fairseq"])] = field(
-        default=None, metadata={"help": "normformer: head scale before W_o (paper, default) or after out_proj"}
-    )
-    normformer_scale_resids: bool = field(
-        default=False, metadata={"help": "normformer: learned residual scale lambda on the FFN sub-layer"}
-    )
     allow_residual_scheme_change: bool = field(
         default=False,
         metadata={
@@ -77,23 +47,33 @@ class DeepNormOptions(FairseqDataclass):
     )
 
 
-OPTION_DEFAULTS = {name: f.default for name, f in DeepNormOptions.__dataclass_fields__.items()}
-# scheme-specific options and the scheme they belong to; a value equal to the scheme's own default
-# (e.g. --deepnorm-init paper, stored by checkpoints of runs without --deepnorm) is not an error
-SCHEME_OPTION_DEFAULTS = {"deepnorm_init": "paper"}
-OPTION_OWNERS = {
-    "deepnorm_init": "deepnorm",
-    "deepnorm_alpha": "deepnorm",
-    "deepnorm_beta": "deepnorm",
-    "post_ln_init_scope": "post-ln-init",
-    "ds_init_alpha": "ds-init",
-    "ds_init_exponent": "ds-init",
-    "admin_omega_trainable": "admin-closed",
-    "allow_rezero_fp16": "rezero",
-    "dlcl_history_window": "dlcl",
-    "normformer_head_scale_position": "normformer",
-    "normformer_scale_resids": "normformer",
-}
+def _scheme_fields() -> Dict[str, tuple]:
+    """``{flag field: (owning scheme name, dataclass field, its type)}`` from every registered scheme's
+    ``Options`` (types evaluated: a scheme module may use postponed annotations)."""
+    found: Dict[str, tuple] = {}
+    for name, scheme in SCHEMES.items():
+        types = typing.get_type_hints(scheme.Options)
+        for spec in fields(scheme.Options):
+            if spec.name in found or spec.name in RunOptions.__dataclass_fields__:
+                raise TypeError(f"option {spec.name!r} of scheme {name!r} is declared twice")
+            found[spec.name] = (name, spec, types[spec.name])
+    return found
+
+
+SCHEME_FIELDS = _scheme_fields()
+# which scheme each scheme-specific option belongs to
+OPTION_OWNERS: Dict[str, str] = {option: owner for option, (owner, _, _) in SCHEME_FIELDS.items()}
+
+DeepNetOptions = make_dataclass(
+    "DeepNetOptions",
+    [(spec.name, kind, field(default=spec.default, metadata=dict(spec.metadata)))
+     for spec, kind in [(spec, spec.type) for spec in fields(RunOptions)]
+     + [(spec, kind) for _, spec, kind in SCHEME_FIELDS.values()]],
+    bases=(FairseqDataclass,),
+)
+DeepNetOptions.__doc__ = "Every option of the plugin: :class:`RunOptions` plus each scheme's ``Options``."
+
+OPTION_DEFAULTS = {spec.name: spec.default for spec in fields(DeepNetOptions)}
 
 
 def flag(name: str) -> str:
@@ -119,30 +99,27 @@ def resolve_scheme_name(args) -> str:
     return name
 
 
-def validate_options(args, name: str, scheme: ResidualScheme, encoder_layers: int, decoder_layers: int) -> None:
-    """Refuse contradictory flags before any layer is built (messages name the flags)."""
-    for option, owner in OPTION_OWNERS.items():
+def validate_run_options(args, name: str, sides: Iterable[str]) -> None:
+    """Refuse contradictory run-level flags before any layer is built (messages name the flags):
+    another scheme's options, LayerNorm flags the scheme has no place for, the instruments' counts."""
+    for option, (owner, spec, _) in SCHEME_FIELDS.items():
         value = getattr(args, option, None)
-        if owner != name and value not in (None, False, "", SCHEME_OPTION_DEFAULTS.get(option)):
+        accepted = (None, False, "", spec.metadata["scheme_default"] if spec.metadata["stored_by_old_checkpoints"]
+                    else None)
+        if owner != name and value not in accepted:
             raise DeepNetConfigError(f"{flag(option)} only applies with --residual-scheme {owner}"
-                              + (" (or --deepnorm)" if owner == "deepnorm" else ""))
-    sides = [s for s, n in (("encoder", encoder_layers), ("decoder", decoder_layers)) if n]
-    if scheme.layer_norm in ("post", "none"):
+                                     + (" (or --deepnorm)" if owner == "deepnorm" else ""))
+    layer_norm = SCHEMES[name].layer_norm
+    if layer_norm in ("post", "none"):
         for side in sides:
             if getattr(args, f"{side}_normalize_before", False):
-                kind = "a Post-LN" if scheme.layer_norm == "post" else "a LayerNorm-free"
+                kind = "a Post-LN" if layer_norm == "post" else "a LayerNorm-free"
                 raise DeepNetConfigError(
                     f"--residual-scheme {name} is {kind} method: remove --{side}-normalize-before "
                     "(Pre-LN and its final LayerNorm)"
                 )
-    if scheme.layer_norm == "none" and getattr(args, "layernorm_embedding", False):
+    if layer_norm == "none" and getattr(args, "layernorm_embedding", False):
         raise DeepNetConfigError(f"--residual-scheme {name} has no LayerNorm: remove --layernorm-embedding")
-    if name == "rezero" and (getattr(args, "fp16", False) or getattr(args, "memory_efficient_fp16", False)):
-        if not getattr(args, "allow_rezero_fp16", False):
-            raise DeepNetConfigError(
-                "--residual-scheme rezero with --fp16: the DeepNet paper found ReZero unstable in half precision "
-                "even for shallow models; train in fp32/--bf16, or pass --allow-rezero-fp16 to insist"
-            )
     interval = getattr(args, "stability_interval", None)
     if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
         raise DeepNetConfigError(f"--stability-interval must be a positive integer, got {interval!r}")
@@ -151,9 +128,6 @@ def validate_options(args, name: str, scheme: ResidualScheme, encoder_layers: in
     patience = getattr(args, "stop_on_divergence_patience", None)
     if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
         raise DeepNetConfigError(f"--stop-on-divergence-patience must be a positive integer, got {patience!r}")
-    if name == "deepnorm":
-        parse_side_values(getattr(args, "deepnorm_alpha", None), "--deepnorm-alpha")
-        parse_side_values(getattr(args, "deepnorm_beta", None), "--deepnorm-beta")
 
 
 def validate_shapes(args, sides) -> None:
@@ -167,32 +141,3 @@ def validate_shapes(args, sides) -> None:
         if dim % heads:
             raise DeepNetConfigError(f"{flag(side + '_embed_dim')} ({dim}) must be divisible by "
                               f"{flag(side + '_attention_heads')} ({heads})")
-
-
-def build_schemes(
-    args, encoder_layers: int, decoder_layers: int
-) -> Tuple[Optional[ResidualScheme], Optional[ResidualScheme]]:
-    """Residual schemes ``(encoder, decoder)`` for a model with the given trained layer counts.
-
-    ``encoder_layers == 0`` means decoder-only (language model), ``decoder_layers == 0`` encoder-only
-    (``deepnet_roberta``); the absent side's scheme is ``None``, and a two-valued ``--deepnorm-alpha``/
-    ``--deepnorm-beta`` is refused.  Pre-LN-family schemes switch on fairseq's ``normalize_before``
-    on ``args`` (that is what defines them).  Raises :class:`DeepNetConfigError` naming the flag.
-    """
-    name = resolve_scheme_name(args)
-    sides = {side: layers for side, layers in (("encoder", encoder_layers), ("decoder", decoder_layers)) if layers}
-    if not sides:
-        raise DeepNetConfigError("--encoder-layers/--decoder-layers: a model needs layers on at least one side")
-    if len(sides) == 1 and name == "deepnorm":
-        for option in ("deepnorm_alpha", "deepnorm_beta"):
-            value = getattr(args, option, None)
-            if value is not None and "," in str(value):
-                raise DeepNetConfigError(f"{flag(option)} takes one value for a model with only an {next(iter(sides))}"
-                                         f" (ENCODER,DECODER needs both), got {value!r}")
-    schemes = {side: build_scheme(name, SchemeContext(side, encoder_layers, decoder_layers, args)) for side in sides}
-    any_scheme = next(iter(schemes.values()))
-    validate_options(args, name, any_scheme, encoder_layers, decoder_layers)
-    if any_scheme.layer_norm == "pre":
-        for side in sides:
-            setattr(args, f"{side}_normalize_before", True)
-    return schemes.get("encoder"), schemes.get("decoder")

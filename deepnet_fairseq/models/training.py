@@ -1,13 +1,13 @@
-"""What a deepnet model does around its training forward pass: Admin's one-time profiling and the
-``--log-stability`` instruments.  Both are inactive (no extra work) unless their scheme/flag is used."""
+"""What a deepnet model does around its training forward pass: the ``--log-stability`` instruments
+(inactive, no extra work, unless the flag is set).  Schemes that act on the first training forward
+(Admin's profiling) hook their own stacks (:meth:`ResidualScheme.prepare_stack`)."""
 
 from typing import Callable, Dict
 
 from torch import Tensor, nn
 
-from deepnet_fairseq.analysis.instruments import StabilityMonitor
 from deepnet_fairseq.models.checks import check_vocabulary_matches
-from deepnet_fairseq.schemes.admin import needs_admin_profiling, profile_admin
+from deepnet_fairseq.stability import StabilityMonitor
 
 
 def attach_instruments(model: nn.Module, args) -> None:
@@ -18,29 +18,19 @@ def attach_instruments(model: nn.Module, args) -> None:
 
 
 def training_forward(model: nn.Module, net_input: Dict[str, Tensor], run: Callable[[], object]):
-    """Run ``run()`` (the model's forward) with profiling/instruments when they apply."""
-    if not model.training:
-        return run()
-    if needs_admin_profiling(model):
-        profile_admin(model, run)
+    """Run ``run()`` (the model's forward), measured by the instruments on their measurement steps."""
     monitor = model.__dict__.get("stability_monitor")
-    if monitor is None:
+    if monitor is None or not model.training:
         return run()
     if not monitor.is_measurement_step(model.__dict__.get("num_updates_seen", 0)):
         monitor.remove_grad_hooks()  # a measured forward without backward must not measure this update
         return run()
-    monitor.begin(model, net_input)
-    try:
-        output = run()
-    except BaseException:
-        monitor.cancel()
-        raise
-    monitor.end(model)
-    return output
+    with monitor.measure(model, net_input):
+        return run()
 
 
 class DeepNetModelMixin:
-    """What both deepnet models add to their fairseq base class: the dictionary check on load, and
+    """What every deepnet model adds to its fairseq base class: the dictionary check on load, and
     the update count the instruments read."""
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):

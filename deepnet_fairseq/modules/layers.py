@@ -10,23 +10,33 @@ which sub-layer is running, and ``residual_connection`` consumes that label.  Th
 module-level functions bound with ``functools.partial``, so ``copy.deepcopy`` of the model (fairseq's
 EMA) rebinds them to the copied layer; activation checkpointing re-runs the forward, hooks included,
 and incremental decoding calls the same modules.
+
+Other code observes the residual connections through :meth:`SchemeLayerMixin.register_residual_hook`
+(``hook(layer, sublayer, branch, residual)``, called before the scheme combines them; a
+:class:`~torch.utils.hooks.RemovableHandle` removes it).  Residual hooks belong to whoever registered
+them on this layer object: ``copy.deepcopy`` (EMA) and pickling give the copy none.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from functools import partial
-from typing import Dict, Tuple
+from typing import Callable, Dict, Tuple
 
 from fairseq.modules.transformer_layer import (
     TransformerDecoderLayerBase,
     TransformerEncoderLayerBase,
 )
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from deepnet_fairseq.schemes.base import ResidualScheme
 
 # the submodule whose call opens each sub-layer of a fairseq layer
 SUBLAYER_ENTRY: Dict[str, str] = {"self_attn": "self_attn", "encoder_attn": "encoder_attn", "ffn": "fc1"}
+
+# hook(layer, sublayer, branch, residual), called by residual_connection before the scheme combines
+ResidualHook = Callable[[nn.Module, str, Tensor, Tensor], None]
 
 
 def _enter_sublayer(layer: nn.Module, sublayer: str, module: nn.Module, args) -> None:
@@ -45,11 +55,27 @@ class SchemeLayerMixin:
         self.layer_index = index
         self.sublayers = sublayers
         self.running_sublayer = None
+        self._residual_hooks: Dict[int, ResidualHook] = OrderedDict()
         for sublayer in sublayers:
             entry = self.get_submodule(SUBLAYER_ENTRY[sublayer])
             entry.register_forward_pre_hook(partial(_enter_sublayer, self, sublayer))
         scheme.prepare_layer(self, index)
         scheme.initialize_layer(self, index)
+
+    def register_residual_hook(self, hook: ResidualHook) -> RemovableHandle:
+        """Call ``hook(layer, sublayer, branch, residual)`` on every residual connection of this layer,
+        before the scheme combines ``branch`` (G(x)) and ``residual`` (x); returns the handle that removes
+        it.  A deep copy of the layer starts without residual hooks."""
+        handle = RemovableHandle(self._residual_hooks)
+        self._residual_hooks[handle.id] = hook
+        return handle
+
+    def __getstate__(self) -> dict:
+        # deepcopy (fairseq's EMA) and pickling: the copy carries no residual hooks (whoever registered one
+        # holds a handle to this layer's hooks, not the copy's)
+        state = super().__getstate__()
+        state["_residual_hooks"] = OrderedDict()
+        return state
 
     def residual_connection(self, x: Tensor, residual: Tensor) -> Tensor:
         sublayer = self.running_sublayer
@@ -60,9 +86,9 @@ class SchemeLayerMixin:
                 f"({entries}) running first, so the sub-layer to combine is unknown"
             )
         self.running_sublayer = None
-        observer = self.__dict__.get("stability_observer")  # set only by --log-stability
-        if observer is not None:
-            observer.observe_residual(self, sublayer, x, residual)
+        if self._residual_hooks:
+            for hook in tuple(self._residual_hooks.values()):
+                hook(self, sublayer, x, residual)
         return self.scheme.combine(self, sublayer, x, residual)
 
 

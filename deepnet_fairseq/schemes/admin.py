@@ -3,7 +3,8 @@
 
 ``admin`` (profiled, as the paper): ``w_i = sqrt(sum_{j<i} Var[G_j])``, measured on the first
 training batch.  The reference code needs a separate profiling run that writes a file; here the
-profiling is one extra no-grad forward on the first training batch, in-process: a running ratio
+profiling is one extra no-grad forward of each stack on its first training input, in-process (a
+forward pre-hook on the stack, removed once the stack is profiled): a running ratio
 ``r`` starts at 1 for each stack, each sub-layer in order sets ``w_i := r`` and then
 ``r <- sqrt(Var[x * w_i] + Var[G_i(x)])`` (variances over all elements, after dropout, as the
 reference).  Rank 0's ratios are broadcast to every rank; the ratios and a ``admin_profiled`` flag
@@ -19,12 +20,13 @@ Both are Post-LN and re-base fc1/fc2 on Xavier-uniform with zero bias (fairseq-0
 """
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from deepnet_fairseq.schemes.base import ResidualScheme, register_scheme
+from deepnet_fairseq.schemes.base import ResidualScheme, option, register_scheme
 from deepnet_fairseq.schemes.init import xavier_ffn_
 
 
@@ -52,6 +54,27 @@ class AdminScheme(ResidualScheme):
     def initialize_layer(self, layer: nn.Module, index: int) -> None:
         xavier_ffn_(layer)
 
+    def prepare_stack(self, stack: nn.Module) -> None:
+        """Profile ``stack`` on its first training forward: a forward pre-hook, removed once the stack is
+        profiled (by that forward, or by a loaded checkpoint that already says so)."""
+        stack.admin_profiling_hook = stack.register_forward_pre_hook(_profile_unprofiled_stack, with_kwargs=True)
+
+    def profile(self, stack: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        """Measure the ratios of ``stack``'s layers with one no-grad forward of the stack on ``args`` and
+        ``kwargs`` (the running ratio restarts at 1.0; the forward visits the sub-layers in order), then
+        share rank 0's."""
+        self.ratio = 1.0
+        self.profiling = True
+        try:
+            with torch.no_grad():
+                stack.forward(*args, **kwargs)  # forward, not __call__: this stack's pre-hook is running
+        finally:
+            self.profiling = False
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for layer in admin_layers(stack):
+                for sublayer in layer.sublayers:
+                    torch.distributed.broadcast(getattr(layer, omega_name(sublayer)).data, src=0)
+
     def combine(self, layer: nn.Module, sublayer: str, branch: Tensor, residual: Tensor) -> Tensor:
         omega = getattr(layer, omega_name(sublayer))
         if self.profiling:
@@ -65,45 +88,22 @@ class AdminScheme(ResidualScheme):
         return residual * omega + branch
 
 
-def admin_layers(model: nn.Module):
-    """Every layer of ``model`` that uses the profiled Admin scheme."""
+def admin_layers(module: nn.Module) -> List[nn.Module]:
+    """Every layer in ``module`` (a stack or a model) that uses the profiled Admin scheme."""
     return [
-        m for m in model.modules() if isinstance(getattr(m, "scheme", None), AdminScheme) and hasattr(m, "sublayers")
+        m for m in module.modules() if isinstance(getattr(m, "scheme", None), AdminScheme) and hasattr(m, "sublayers")
     ]
 
 
-def needs_admin_profiling(model: nn.Module) -> bool:
-    """True while some profiled-Admin layer of ``model`` has not been profiled yet.
-
-    Any side of any deepnet model (encoder-decoder, decoder-only, encoder-only): the model's
-    ``residual_scheme_record`` says whether it uses the profiled Admin scheme at all.
-    """
-    record = model.__dict__.get("residual_scheme_record") or {}
-    if not any(entry.get("scheme") == AdminScheme.name for entry in record.values()):
-        return False
-    return any(float(layer.admin_profiled) == 0.0 for layer in admin_layers(model))
-
-
-def profile_admin(model: nn.Module, run_forward: Callable[[], object]) -> None:
-    """Measure Admin's ratios with one no-grad forward (``run_forward``) and share rank 0's.
-
-    Each stack's running ratio restarts at 1.0; the forward visits sub-layers in order.
-    """
-    layers = admin_layers(model)
-    schemes = {id(layer.scheme): layer.scheme for layer in layers}.values()
-    for scheme in schemes:
-        scheme.ratio = 1.0
-        scheme.profiling = True
-    try:
-        with torch.no_grad():
-            run_forward()
-    finally:
-        for scheme in schemes:
-            scheme.profiling = False
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        for layer in layers:
-            for sublayer in layer.sublayers:
-                torch.distributed.broadcast(getattr(layer, omega_name(sublayer)).data, src=0)
+def _profile_unprofiled_stack(stack: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+    """Forward pre-hook of an Admin stack (see :meth:`AdminScheme.prepare_stack`): on a training forward,
+    profile the stack if one of its layers is unprofiled, then remove this hook.  A module-level function
+    that acts on the module it is called for, so a deep copy of the stack (fairseq's EMA) profiles itself."""
+    if not stack.training:
+        return
+    if any(float(layer.admin_profiled) == 0.0 for layer in admin_layers(stack)):
+        stack.scheme.profile(stack, args, kwargs)
+    stack.admin_profiling_hook.remove()
 
 
 def admin_closed_omega(num_sublayers: int) -> float:
@@ -112,15 +112,23 @@ def admin_closed_omega(num_sublayers: int) -> float:
     return math.sqrt((n + 1) / math.log(n + 1) - 1)
 
 
+@dataclass
+class AdminClosedOptions:
+    """``--residual-scheme admin-closed``."""
+
+    admin_omega_trainable: bool = option(False, help="admin-closed: make omega a trainable vector per sub-layer")
+
+
 @register_scheme
 class AdminClosedScheme(ResidualScheme):
     name = "admin-closed"
     layer_norm = "post"
+    Options = AdminClosedOptions
 
     def __init__(self, context):
         super().__init__(context)
         self.omega = admin_closed_omega(context.layers * context.sublayers_per_layer)
-        self.trainable = bool(context.option("admin_omega_trainable", False))
+        self.trainable = bool(self.options.admin_omega_trainable)
 
     def prepare_layer(self, layer: nn.Module, index: int) -> None:
         if self.trainable:

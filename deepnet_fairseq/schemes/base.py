@@ -18,8 +18,8 @@ activation checkpointing or FSDP wrapping touches the parameters.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Type
 
 from torch import Tensor, nn
 
@@ -28,18 +28,39 @@ class DeepNetConfigError(ValueError):
     """A contradictory or out-of-range option, raised before any model is built."""
 
 
+def option(default: object = None, help: str = "", scheme_default: object = None,
+           stored_by_old_checkpoints: bool = False):
+    """A field of a scheme's options dataclass (one command-line flag / YAML key).
+
+    ``default`` is what the flag holds when not given (``None``, ``False`` for switches), so that a
+    flag given without its scheme can be refused; ``scheme_default`` is the value the scheme then uses.
+    ``stored_by_old_checkpoints``: checkpoints of runs with another scheme stored the scheme default,
+    which is therefore not an error there.
+    """
+    metadata = {"help": help, "scheme_default": scheme_default, "stored_by_old_checkpoints": stored_by_old_checkpoints}
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class NoOptions:
+    """The options of a scheme without flags of its own."""
+
+
 @dataclass(frozen=True)
 class SchemeContext:
-    """Where a scheme is used: which side, and the true depths of the model.
+    """Where a scheme is used: which side, the true depths of the model, and the scheme's resolved options.
 
     ``encoder_layers`` is 0 for a decoder-only model, ``decoder_layers`` 0 for an encoder-only one.
-    ``args`` is the parsed option namespace (for scheme-specific options).
+    ``options`` is an instance of the scheme's :attr:`ResidualScheme.Options` with every unset flag
+    replaced by its ``scheme_default`` (:func:`resolve_options`); ``share_all_embeddings`` is the
+    model's ``--share-all-embeddings`` (T-Fixup scales a shared table once).
     """
 
     side: str
     encoder_layers: int
     decoder_layers: int
-    args: object = None
+    options: Any = None
+    share_all_embeddings: bool = False
 
     @property
     def layers(self) -> int:
@@ -51,21 +72,31 @@ class SchemeContext:
         """2 in an encoder or a decoder-only LM (no cross-attention), 3 in an enc-dec decoder."""
         return 3 if self.side == "decoder" and self.encoder_layers else 2
 
-    def option(self, name: str, default=None):
-        value = getattr(self.args, name, None)
-        return default if value is None else value
-
 
 class ResidualScheme:
-    """Base class: vanilla residual ``x + G(x)`` and fairseq's own initialisation."""
+    """Base class: vanilla residual ``x + G(x)`` and fairseq's own initialisation.
+
+    A scheme owns everything about itself: its flags (:attr:`Options`, a dataclass whose field names
+    are the flags, ``--`` and dashes added), their validation (:meth:`validate`), where its LayerNorms
+    sit (:attr:`layer_norm`), its init, and its divergence hint (:meth:`divergence_hint`).
+    """
 
     name: str = "post-ln"
     layer_norm: str = "post"
     # the network the scheme computes; init-only variants of another scheme name that one
     network: Optional[str] = None
+    Options: ClassVar[type] = NoOptions
 
     def __init__(self, context: SchemeContext):
         self.context = context
+        self.options = context.options if context.options is not None else resolve_options(self.Options, None)
+
+    @classmethod
+    def validate(cls, options, run: Mapping[str, object], sides: Dict[str, int]) -> None:
+        """Refuse option values this scheme cannot use, once per model build, before any scheme object
+        exists.  ``options`` are the resolved :attr:`Options`; ``run`` the run-level settings
+        (``fp16``, ...); ``sides`` the trained depth of each side the model has.  Raises
+        :class:`DeepNetConfigError` naming the flag."""
 
     def combine(self, layer: nn.Module, sublayer: str, branch: Tensor, residual: Tensor) -> Tensor:
         """Return the sub-layer output (before its LayerNorm in Post-LN)."""
@@ -101,8 +132,13 @@ class ResidualScheme:
         """A short human-readable summary for logs."""
         return self.name
 
+    def divergence_hint(self) -> Optional[str]:
+        """What to try, besides the learning-rate/warm-up/batch advice, when training with this scheme
+        diverges (the divergence report appends it); ``None`` for nothing more."""
+        return "--residual-scheme deepnorm"
 
-SCHEMES: Dict[str, Callable[[SchemeContext], ResidualScheme]] = {}
+
+SCHEMES: Dict[str, Type[ResidualScheme]] = {}
 
 
 def register_scheme(cls):
@@ -113,13 +149,30 @@ def register_scheme(cls):
     return cls
 
 
-def build_scheme(name: str, context: SchemeContext) -> ResidualScheme:
+def scheme_class(name: str) -> Type[ResidualScheme]:
+    """The registered scheme called ``name``; raises :class:`DeepNetConfigError` listing the choices."""
     try:
-        factory = SCHEMES[name]
+        return SCHEMES[name]
     except KeyError:
         choices = ", ".join(sorted(SCHEMES))
         raise DeepNetConfigError(f"--residual-scheme {name!r} is unknown; choose one of {choices}") from None
-    return factory(context)
+
+
+def build_scheme(name: str, context: SchemeContext) -> ResidualScheme:
+    """One scheme object for one side of one model."""
+    return scheme_class(name)(context)
+
+
+def resolve_options(options_class: type, source: object):
+    """An ``options_class`` instance with each field read from ``source`` (a Namespace, a config or
+    ``None``): an unset field (``None``) takes its ``scheme_default``."""
+    values = {}
+    for spec in fields(options_class):
+        value = getattr(source, spec.name, None) if source is not None else None
+        values[spec.name] = spec.metadata.get("scheme_default") if value is None else value
+        if values[spec.name] is None:
+            values[spec.name] = spec.default
+    return options_class(**values)
 
 
 def linear_modules(layer: nn.Module, names: Optional[Tuple[str, ...]] = None) -> Dict[str, nn.Linear]:

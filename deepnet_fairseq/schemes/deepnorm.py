@@ -12,8 +12,10 @@ weights *and* biases of fc1, fc2, v_proj and out_proj multiplied by beta.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Tuple
 
+from fairseq.dataclass import ChoiceEnum
 from torch import Tensor, nn
 
 from deepnet_fairseq.coefficients import (
@@ -21,7 +23,7 @@ from deepnet_fairseq.coefficients import (
     TORCHSCALE_ENCODER_BETA_CONSTANT,
     deepnorm_coefficients,
 )
-from deepnet_fairseq.schemes.base import DeepNetConfigError, ResidualScheme, SchemeContext, register_scheme
+from deepnet_fairseq.schemes.base import DeepNetConfigError, ResidualScheme, SchemeContext, option, register_scheme
 
 DEEPNORM_INITS = ("paper", "torchscale")
 
@@ -67,6 +69,20 @@ def deepnorm_init_(layer: nn.Module, beta: float, variant: str = "paper") -> Non
                 module.bias.data.mul_(gain)
 
 
+@dataclass
+class DeepNormOptions:
+    """``--residual-scheme deepnorm`` (alias ``--deepnorm``)."""
+
+    deepnorm_init: Optional[ChoiceEnum(DEEPNORM_INITS)] = option(
+        help="deepnorm: paper (default): xavier_normal(gain=beta) on fc1/fc2/v_proj/out_proj, gain 1 on q/k, "
+        "zero biases; torchscale: nn.Linear default init scaled by beta (biases too), encoder constant 1.15",
+        scheme_default="paper",
+        stored_by_old_checkpoints=True,
+    )
+    deepnorm_alpha: Optional[str] = option(help="deepnorm: override alpha, one value for both sides or ENCODER,DECODER")
+    deepnorm_beta: Optional[str] = option(help="deepnorm: override beta, one value for both sides or ENCODER,DECODER")
+
+
 @register_scheme
 class DeepNormScheme(ResidualScheme):
     """DeepNorm for one side of a model: residual weight ``alpha``, init gain ``beta``.
@@ -77,19 +93,30 @@ class DeepNormScheme(ResidualScheme):
 
     name = "deepnorm"
     layer_norm = "post"
+    Options = DeepNormOptions
+
+    @classmethod
+    def validate(cls, options: DeepNormOptions, run: Mapping[str, object], sides: Dict[str, int]) -> None:
+        if str(options.deepnorm_init) not in DEEPNORM_INITS:
+            raise DeepNetConfigError(
+                f"--deepnorm-init must be one of {', '.join(DEEPNORM_INITS)}, got {options.deepnorm_init!r}"
+            )
+        for name, value in (("--deepnorm-alpha", options.deepnorm_alpha), ("--deepnorm-beta", options.deepnorm_beta)):
+            if len(sides) == 1 and value is not None and "," in str(value):
+                raise DeepNetConfigError(f"{name} takes one value for a model with only an {next(iter(sides))}"
+                                         f" (ENCODER,DECODER needs both), got {value!r}")
+            parse_side_values(value, name)
 
     def __init__(self, context: SchemeContext):
         super().__init__(context)
-        self.init = str(context.option("deepnorm_init", "paper"))
-        if self.init not in DEEPNORM_INITS:
-            raise DeepNetConfigError(f"--deepnorm-init must be one of {', '.join(DEEPNORM_INITS)}, got {self.init!r}")
+        self.init = str(self.options.deepnorm_init)
         constant = TORCHSCALE_ENCODER_BETA_CONSTANT if self.init == "torchscale" else PAPER_ENCODER_BETA_CONSTANT
         coeffs = deepnorm_coefficients(
             context.encoder_layers or None, context.decoder_layers or None, encoder_beta_constant=constant
         )
         side = 0 if context.side == "encoder" else 1
-        alpha_override = parse_side_values(context.option("deepnorm_alpha"), "--deepnorm-alpha")[side]
-        beta_override = parse_side_values(context.option("deepnorm_beta"), "--deepnorm-beta")[side]
+        alpha_override = parse_side_values(self.options.deepnorm_alpha, "--deepnorm-alpha")[side]
+        beta_override = parse_side_values(self.options.deepnorm_beta, "--deepnorm-beta")[side]
         default_alpha, default_beta = (
             (coeffs.encoder_alpha, coeffs.encoder_beta) if side == 0 else (coeffs.decoder_alpha, coeffs.decoder_beta)
         )
@@ -107,6 +134,9 @@ class DeepNormScheme(ResidualScheme):
 
     def init_settings(self) -> dict:
         return {"beta": self.beta, "init": self.init}
+
+    def divergence_hint(self) -> Optional[str]:
+        return None  # already the scheme the report would suggest
 
     def describe(self) -> str:
         return f"deepnorm(alpha={self.alpha:.4f}, beta={self.beta:.4f}, init={self.init})"

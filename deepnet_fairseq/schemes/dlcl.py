@@ -15,13 +15,15 @@ on the final LayerNorm does the last combination.  Incremental decoding works as
 step runs all layers on the new positions.
 """
 
+from dataclasses import dataclass
 from functools import partial
+from typing import Dict, Mapping, Optional
 
 import torch
 from fairseq.modules import LayerNorm
 from torch import nn
 
-from deepnet_fairseq.schemes.base import DeepNetConfigError, ResidualScheme, register_scheme
+from deepnet_fairseq.schemes.base import DeepNetConfigError, ResidualScheme, option, register_scheme
 
 
 def average_lower_triangular(size: int) -> torch.Tensor:
@@ -53,16 +55,30 @@ def _before_final_norm(stack: nn.Module, window: int, module: nn.Module, args):
     return (combined,)
 
 
+@dataclass
+class DLCLOptions:
+    """``--residual-scheme dlcl``."""
+
+    dlcl_history_window: Optional[int] = option(
+        help="dlcl: combine only the last K layer outputs (-1 = all, default)", scheme_default=-1
+    )
+
+
 @register_scheme
 class DLCLScheme(ResidualScheme):
     name = "dlcl"
     layer_norm = "pre"
+    Options = DLCLOptions
+
+    @classmethod
+    def validate(cls, options: DLCLOptions, run: Mapping[str, object], sides: Dict[str, int]) -> None:
+        window = int(options.dlcl_history_window)
+        if window == 0 or window < -1:
+            raise DeepNetConfigError(f"--dlcl-history-window must be -1 (all) or >= 1, got {window}")
 
     def __init__(self, context):
         super().__init__(context)
-        self.window = int(context.option("dlcl_history_window", -1))
-        if self.window == 0 or self.window < -1:
-            raise DeepNetConfigError(f"--dlcl-history-window must be -1 (all) or >= 1, got {self.window}")
+        self.window = int(self.options.dlcl_history_window)
 
     def prepare_stack(self, stack: nn.Module) -> None:
         layers = list(stack.layers)

@@ -7,10 +7,23 @@ scale multiplies the *variance*) effectively uses ``e = 1/4``.  Default: the pap
 (``--ds-init-exponent 0.5``); ``--ds-init-alpha`` is the paper's a in (0, 1] (default 1).  Biases zero.
 """
 
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional
+
 from torch import nn
 
-from deepnet_fairseq.schemes.base import DeepNetConfigError, ResidualScheme, linear_modules, register_scheme
+from deepnet_fairseq.schemes.base import DeepNetConfigError, ResidualScheme, linear_modules, option, register_scheme
 from deepnet_fairseq.schemes.init import xavier_bound
+
+
+@dataclass
+class DSInitOptions:
+    """``--residual-scheme ds-init``."""
+
+    ds_init_alpha: Optional[float] = option(help="ds-init: the paper's alpha in (0, 1]", scheme_default=1.0)
+    ds_init_exponent: Optional[float] = option(
+        help="ds-init: depth exponent, 0.5 (paper, default) or 0.25 (reference code)", scheme_default=0.5
+    )
 
 
 @register_scheme
@@ -18,17 +31,20 @@ class DSInitScheme(ResidualScheme):
     name = "ds-init"
     layer_norm = "post"
     network = "post-ln"  # an initialisation of Post-LN
+    Options = DSInitOptions
+
+    @classmethod
+    def validate(cls, options: DSInitOptions, run: Mapping[str, object], sides: Dict[str, int]) -> None:
+        if not 0 < float(options.ds_init_alpha) <= 1:
+            raise DeepNetConfigError(f"--ds-init-alpha must be in (0, 1], got {float(options.ds_init_alpha)}")
+        exponent = float(options.ds_init_exponent)
+        if exponent not in (0.5, 0.25):
+            raise DeepNetConfigError(f"--ds-init-exponent must be 0.5 (paper) or 0.25 (reference code), got {exponent}")
 
     def __init__(self, context):
         super().__init__(context)
-        self.alpha = float(context.option("ds_init_alpha", 1.0))
-        self.exponent = float(context.option("ds_init_exponent", 0.5))
-        if not 0 < self.alpha <= 1:
-            raise DeepNetConfigError(f"--ds-init-alpha must be in (0, 1], got {self.alpha}")
-        if self.exponent not in (0.5, 0.25):
-            raise DeepNetConfigError(
-                f"--ds-init-exponent must be 0.5 (paper) or 0.25 (reference code), got {self.exponent}"
-            )
+        self.alpha = float(self.options.ds_init_alpha)
+        self.exponent = float(self.options.ds_init_exponent)
 
     def initialize_layer(self, layer: nn.Module, index: int) -> None:
         for module in linear_modules(layer).values():

@@ -10,14 +10,30 @@ fairseq's decoder implementation scales the chunks of the output *after* out_pro
 which its maintainers call not mathematically equivalent.  Init: fairseq's defaults.
 """
 
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional
+
 import torch
+from fairseq.dataclass import ChoiceEnum
 from fairseq.modules import LayerNorm
 from torch import Tensor, nn
 
-from deepnet_fairseq.schemes.base import DeepNetConfigError, ResidualScheme, register_scheme
+from deepnet_fairseq.schemes.base import DeepNetConfigError, ResidualScheme, option, register_scheme
 from deepnet_fairseq.schemes.init import add_input_transform, add_output_transform, route_through_modules_
 
 HEAD_SCALE_POSITIONS = ("paper", "fairseq")
+
+
+@dataclass
+class NormFormerOptions:
+    """``--residual-scheme normformer``."""
+
+    normformer_head_scale_position: Optional[ChoiceEnum(HEAD_SCALE_POSITIONS)] = option(
+        help="normformer: head scale before W_o (paper, default) or after out_proj", scheme_default="paper"
+    )
+    normformer_scale_resids: bool = option(
+        False, help="normformer: learned residual scale lambda on the FFN sub-layer"
+    )
 
 
 class HeadScale(nn.Module):
@@ -38,14 +54,18 @@ class HeadScale(nn.Module):
 class NormFormerScheme(ResidualScheme):
     name = "normformer"
     layer_norm = "pre"
+    Options = NormFormerOptions
+
+    @classmethod
+    def validate(cls, options: NormFormerOptions, run: Mapping[str, object], sides: Dict[str, int]) -> None:
+        if str(options.normformer_head_scale_position) not in HEAD_SCALE_POSITIONS:
+            choices = ", ".join(HEAD_SCALE_POSITIONS)
+            raise DeepNetConfigError(f"--normformer-head-scale-position must be one of {choices}")
 
     def __init__(self, context):
         super().__init__(context)
-        self.position = str(context.option("normformer_head_scale_position", "paper"))
-        if self.position not in HEAD_SCALE_POSITIONS:
-            choices = ", ".join(HEAD_SCALE_POSITIONS)
-            raise DeepNetConfigError(f"--normformer-head-scale-position must be one of {choices}")
-        self.scale_resids = bool(context.option("normformer_scale_resids", False))
+        self.position = str(self.options.normformer_head_scale_position)
+        self.scale_resids = bool(self.options.normformer_scale_resids)
 
     def prepare_layer(self, layer: nn.Module, index: int) -> None:
         attention = layer.self_attn

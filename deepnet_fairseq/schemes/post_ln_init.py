@@ -7,12 +7,25 @@ paper names the FFN output projection as its example; ``--post-ln-init-scope all
 every attention/FFN weight of the layer, ``ffn-out`` only fc2.
 """
 
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional
+
+from fairseq.dataclass import ChoiceEnum
 from torch import nn
 
-from deepnet_fairseq.schemes.base import DeepNetConfigError, ResidualScheme, linear_modules, register_scheme
+from deepnet_fairseq.schemes.base import DeepNetConfigError, ResidualScheme, linear_modules, option, register_scheme
 from deepnet_fairseq.schemes.init import xavier_ffn_
 
 POST_LN_INIT_SCOPES = ("all", "ffn-out")
+
+
+@dataclass
+class PostLNInitOptions:
+    """``--residual-scheme post-ln-init``."""
+
+    post_ln_init_scope: Optional[ChoiceEnum(POST_LN_INIT_SCOPES)] = option(
+        help="post-ln-init: shrink all linears of layer l (default) or only fc2", scheme_default="all"
+    )
 
 
 @register_scheme
@@ -20,12 +33,16 @@ class PostLNInitScheme(ResidualScheme):
     name = "post-ln-init"
     layer_norm = "post"
     network = "post-ln"  # an initialisation of Post-LN
+    Options = PostLNInitOptions
+
+    @classmethod
+    def validate(cls, options: PostLNInitOptions, run: Mapping[str, object], sides: Dict[str, int]) -> None:
+        if str(options.post_ln_init_scope) not in POST_LN_INIT_SCOPES:
+            raise DeepNetConfigError(f"--post-ln-init-scope must be one of {', '.join(POST_LN_INIT_SCOPES)}")
 
     def __init__(self, context):
         super().__init__(context)
-        self.scope = str(context.option("post_ln_init_scope", "all"))
-        if self.scope not in POST_LN_INIT_SCOPES:
-            raise DeepNetConfigError(f"--post-ln-init-scope must be one of {', '.join(POST_LN_INIT_SCOPES)}")
+        self.scope = str(self.options.post_ln_init_scope)
 
     def initialize_layer(self, layer: nn.Module, index: int) -> None:
         xavier_ffn_(layer)

@@ -6,17 +6,38 @@ ReZero unstable in half precision even for shallow models: ``--fp16`` is refused
 ``--allow-rezero-fp16``.
 """
 
+from dataclasses import dataclass
+from typing import Dict, Mapping
+
 import torch
 from torch import Tensor, nn
 
-from deepnet_fairseq.schemes.base import ResidualScheme, register_scheme
+from deepnet_fairseq.schemes.base import DeepNetConfigError, ResidualScheme, option, register_scheme
 from deepnet_fairseq.schemes.init import remove_layer_norms_, xavier_ffn_
+
+
+@dataclass
+class ReZeroOptions:
+    """``--residual-scheme rezero``."""
+
+    allow_rezero_fp16: bool = option(
+        False, help="rezero: allow --fp16 (the DeepNet paper found ReZero unstable in fp16)"
+    )
 
 
 @register_scheme
 class ReZeroScheme(ResidualScheme):
     name = "rezero"
     layer_norm = "none"
+    Options = ReZeroOptions
+
+    @classmethod
+    def validate(cls, options: ReZeroOptions, run: Mapping[str, object], sides: Dict[str, int]) -> None:
+        if (run.get("fp16") or run.get("memory_efficient_fp16")) and not options.allow_rezero_fp16:
+            raise DeepNetConfigError(
+                "--residual-scheme rezero with --fp16: the DeepNet paper found ReZero unstable in half precision "
+                "even for shallow models; train in fp32/--bf16, or pass --allow-rezero-fp16 to insist"
+            )
 
     def prepare_layer(self, layer: nn.Module, index: int) -> None:
         remove_layer_norms_(layer)

@@ -43,8 +43,7 @@ class TFixupScheme(ResidualScheme):
                 module.weight.data.mul_(self.scale)
 
     def prepare_stack(self, stack: nn.Module) -> None:
-        args = self.context.args
-        shared = bool(getattr(args, "share_all_embeddings", False))
+        shared = self.context.share_all_embeddings
         if self.context.side == "decoder" and shared and self.context.encoder_layers:
             return  # the encoder already scaled the shared table
         stack.embed_tokens.weight.data.mul_(self.embed_scale)

@@ -222,7 +222,7 @@ def sweep(argv: Optional[Sequence[str]] = None) -> int:
     if args.dry_run:
         return 0
     table = [sys.executable, str(SCRIPTS / "collect_results.py"), str(out), "--recipe", "iwslt14",
-             "--markdown", str(out / "results.md"), "--csv", str(out / "results.csv")]
+             "--markdown", str(out / "results.md"), "--csv", str(out / "results.csv"), "--plot", str(out / "fig6.png")]
     subprocess.call(table, env=env)
     failed = [r for r in results if r[2].startswith(("failed", "evaluation"))]
     return 1 if failed else 0

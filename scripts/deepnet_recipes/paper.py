@@ -66,10 +66,15 @@ TABLE2: List[Table2Row] = [
 ]
 
 # ---- figures: values read off the plots (approximate) --------------------------------------------------
-FIG6_APPROX: Dict[str, Tuple[float, float]] = {  # IWSLT-14 BLEU at 10L-10L and 100L-100L, read off Fig. 6
-    "deepnorm": (30.0, 31.5), "post-ln": (4.0, 0.0), "pre-ln": (29.5, 24.0), "normformer": (27.0, 25.5),
-    "t-fixup": (29.5, 27.0), "r-fixup": (30.0, 30.0), "rezero": (26.0, 28.0),
-}
+# Fig. 6 (IWSLT-14 De-En test BLEU vs depth NL-NL): three panels, Table 1's LN groups, each next to DeepNet
+FIG6_PANELS: Tuple[Tuple[str, Tuple[str, ...]], ...] = tuple(
+    (f"{group}-LN", tuple(s for s in TABLE1_SCHEMES if LN_GROUP[s] == group) + ("deepnorm",))
+    for group in ("Post", "No", "Pre"))
+FIG6_APPROX: Dict[str, Dict[int, float]] = {  # scheme -> {N: BLEU at NL-NL}, read off Fig. 6 (approximate)
+    "deepnorm": {10: 30.0, 100: 31.5}, "post-ln": {10: 4.0, 20: 0.0, 100: 0.0}, "pre-ln": {10: 29.5, 100: 24.0},
+    "normformer": {10: 27.0, 100: 25.5}, "t-fixup": {10: 29.5, 100: 27.0}, "r-fixup": {10: 30.0, 100: 30.0},
+    "rezero": {10: 26.0, 100: 28.0},
+}  # not read off: DS-Init and Admin (they "fall apart with depth"), DLCL ("about 29-30", no depth given)
 FIG8_APPROX: Dict[int, float] = {12: 25.3, 20: 26.6, 100: 30.1, 200: 31.1, 1000: 32.0}  # total layers -> avg BLEU
 
 

@@ -26,13 +26,13 @@ import sys
 import unicodedata
 import urllib.request
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, NoReturn, Optional, Sequence, Tuple
 
 EXIT_USAGE = 2
 EXIT_CHECKSUM = 4
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     print(f"deepnet_recipes.tools: error: {message}", file=sys.stderr)
     raise SystemExit(code)
 
@@ -262,34 +262,53 @@ def cmd_clean(args: argparse.Namespace) -> None:
     print(f"clean (ratio {args.ratio}, length {args.min}-{args.max}): kept {len(kept)} of {len(pairs)} pairs")
 
 
-# ---- sentencepiece --------------------------------------------------------------------------------
-def cmd_spm_train(args: argparse.Namespace) -> None:
+# ---- sentencepiece (also the demo's scripts/spm_train.py) ---------------------------------------------
+def train_sentencepiece(inputs: Sequence[Path], model_prefix: Path, vocab_size: int, model_type: str,
+                        character_coverage: float = 1.0, input_sentence_size: int = 10_000_000,
+                        threads: int = 1) -> int:
+    """Train one joint SentencePiece model on ``inputs``; returns its number of pieces.
+
+    The vocabulary size is a soft limit (a small corpus gets a smaller vocabulary, not an error), and
+    SentencePiece's own <s>/</s> ids are disabled: fairseq's dictionary adds <s>/<pad>/</s>/<unk> itself.
+    """
     import sentencepiece as spm
 
-    for path in args.inputs:
+    for path in inputs:
         if not path.exists() or path.stat().st_size == 0:
             fail(f"{path}: missing or empty")
-    args.model_prefix.parent.mkdir(parents=True, exist_ok=True)
+    model_prefix.parent.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
-        input=[str(p) for p in args.inputs], model_prefix=str(args.model_prefix), vocab_size=args.vocab_size,
-        model_type=args.model_type, character_coverage=args.character_coverage,
-        input_sentence_size=args.input_sentence_size, shuffle_input_sentence=True, hard_vocab_limit=False,
-        bos_id=-1, eos_id=-1, unk_id=0, num_threads=args.threads, minloglevel=2,
+        input=[str(p) for p in inputs], model_prefix=str(model_prefix), vocab_size=vocab_size,
+        model_type=model_type, character_coverage=character_coverage,
+        input_sentence_size=input_sentence_size, shuffle_input_sentence=True, hard_vocab_limit=False,
+        bos_id=-1, eos_id=-1, unk_id=0, num_threads=threads, minloglevel=2,
     )
-    pieces = sum(1 for _ in open(f"{args.model_prefix}.vocab", encoding="utf-8"))
-    print(f"sentencepiece {args.model_type}: {pieces} pieces -> {args.model_prefix}.model")
+    with open(f"{model_prefix}.vocab", encoding="utf-8") as vocab:
+        return sum(1 for _ in vocab)
 
 
-def cmd_spm_encode(args: argparse.Namespace) -> None:
+def encode_files(model: Path, pairs: Sequence[str]) -> None:
+    """Write the pieces of each line of IN, space-separated, to OUT for every ``IN:OUT`` in ``pairs`` (what
+    fairseq-preprocess reads; ``fairseq-generate --remove-bpe sentencepiece`` undoes it)."""
     import sentencepiece as spm
 
-    processor = spm.SentencePieceProcessor(model_file=str(args.model))
-    for spec in args.pairs:
+    processor = spm.SentencePieceProcessor(model_file=str(model))
+    for spec in pairs:
         src, sep, dst = spec.partition(":")
         if not sep:
             fail(f"spm-encode wants IN:OUT, got {spec!r}")
         lines = (" ".join(processor.encode(line, out_type=str)) for line in read_lines(Path(src)))
         print(f"{src}: {atomic_write_lines(Path(dst), lines)} lines -> {dst}")
+
+
+def cmd_spm_train(args: argparse.Namespace) -> None:
+    pieces = train_sentencepiece(args.inputs, args.model_prefix, args.vocab_size, args.model_type,
+                                 args.character_coverage, args.input_sentence_size, args.threads)
+    print(f"sentencepiece {args.model_type}: {pieces} pieces -> {args.model_prefix}.model")
+
+
+def cmd_spm_encode(args: argparse.Namespace) -> None:
+    encode_files(args.model, args.pairs)
 
 
 def cmd_spm_dict(args: argparse.Namespace) -> None:
@@ -332,12 +351,18 @@ def fairseq_bleu(generate_output: Path) -> Tuple[float, str]:
     return float(match.group(1)), match.group(0)
 
 
+def hypotheses(generate_output: Path, expected: int) -> List[str]:
+    """The hypotheses of a fairseq-generate output in corpus order (:mod:`deepnet_fairseq.evaluation`, imported
+    here only: importing the plugin package loads fairseq)."""
+    from deepnet_fairseq.evaluation import MissingHypotheses, read_hypotheses
+
+    try:
+        return read_hypotheses(generate_output, expected)
+    except MissingHypotheses as err:
+        fail(str(err))
+
+
 def cmd_bleu(args: argparse.Namespace) -> None:
-    import sacrebleu
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from score_bleu import read_hypotheses  # the demo's parser of fairseq-generate output
-
     result: Dict[str, object] = {"name": args.name, "generate_output": str(args.generate_output)}
     if args.primary == "fairseq_bleu" or args.ref_tok:
         score, line = fairseq_bleu(args.generate_output)
@@ -346,7 +371,7 @@ def cmd_bleu(args: argparse.Namespace) -> None:
         print(f"[{args.name}] fairseq-generate BLEU: {line}")
     if args.ref_tok:
         refs = list(read_lines(args.ref_tok))
-        hyps = read_hypotheses(args.generate_output, len(refs))
+        hyps = hypotheses(args.generate_output, len(refs))
         score = tokenized_bleu(hyps, refs)
         result.update(tok_bleu=round(score.score, 2), tok_bleu_line=str(score),
                       tok_bleu_kind="tokenized BLEU-4 against the tokenized reference file")
@@ -359,14 +384,14 @@ def cmd_bleu(args: argparse.Namespace) -> None:
             print(f"[{args.name}] extra: compound-split tokenized BLEU: {split}")
     if args.ref_raw:
         refs = list(read_lines(args.ref_raw))
-        hyps = read_hypotheses(args.generate_output, len(refs))
+        hyps = hypotheses(args.generate_output, len(refs))
         if args.detok_lang:
             hyps = detokenize_lines(hyps, args.detok_lang)
         if args.hyp_out:
             atomic_write_lines(args.hyp_out, hyps)
-        metric = sacrebleu.BLEU(lowercase=args.lowercase)
-        score = metric.corpus_score(hyps, [refs])
-        signature = str(metric.get_signature())
+        from deepnet_fairseq.evaluation import sacrebleu_corpus
+
+        score, signature = sacrebleu_corpus(hyps, refs, lowercase=args.lowercase)
         result.update(sacrebleu=round(score.score, 2), sacrebleu_line=str(score), signature=signature)
         print(f"[{args.name}] sacreBLEU: {score}\n[{args.name}] signature: {signature}")
     if args.primary not in result:
