@@ -29,8 +29,8 @@ import collections
 import functools
 import os
 import pickle
+import secrets
 import shutil
-import tempfile
 import typing
 import zipfile
 from pathlib import Path
@@ -220,9 +220,13 @@ def atomic_copy(src: PathLike, dst: PathLike) -> None:
 
 def atomic_write(dst: PathLike, write: Callable[[BinaryIO], object]) -> None:
     """Write ``dst`` through ``write(file)`` into a temporary file in the same directory, flush it to
-    disk and ``os.replace`` it over ``dst``: a crash leaves either the old or the complete new file."""
+    disk and ``os.replace`` it over ``dst``: a crash leaves either the old or the complete new file.
+
+    The file gets the permissions of any newly written file (0666 less the process umask, as
+    ``torch.save`` to a path gives), not ``tempfile.mkstemp``'s owner-only 0600."""
     dst = os.fspath(dst)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(dst) + ".", suffix=".tmp", dir=os.path.dirname(dst) or ".")
+    tmp = os.path.join(os.path.dirname(dst) or ".", f"{os.path.basename(dst)}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as out:
             write(out)

@@ -210,6 +210,25 @@ def _temporaries(directory: Path) -> set:
     return {p.name for p in directory.iterdir() if p.name.endswith(".tmp")}
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_give_files_the_usual_permissions(tmp_path, umask):
+    """checkpoint_last.pt (atomic_copy), deepnet-average-checkpoints and deepnet-export (atomic_write) get
+    0666 less the umask, as checkpoint_best.pt written by torch.save does; not mkstemp's owner-only 0600."""
+    from deepnet_fairseq.checkpoints import atomic_copy, atomic_write
+
+    (tmp_path / "src").write_bytes(b"weights")
+    old = os.umask(umask)
+    try:
+        atomic_copy(tmp_path / "src", tmp_path / "copied")
+        atomic_write(tmp_path / "written", lambda out: out.write(b"weights"))
+        (tmp_path / "plain").write_bytes(b"weights")
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    assert {name: (tmp_path / name).stat().st_mode & 0o777 for name in ("copied", "written", "plain")} == {
+        "copied": expected, "written": expected, "plain": expected}
+
+
 def test_atomic_copy_survives_sigkill_at_random_moments(tmp_path):
     """SIGKILL an ``atomic_copy`` child relative to its own signals, never after a guessed sleep.
 
