@@ -284,7 +284,33 @@ class StabilityMonitor:
             _log("ratio_max", max(ratios))
 
 
+METRIC_PREFIX = "stab_"
+
+
 def _log(key: str, value: float) -> None:
     from fairseq.logging import metrics
 
-    metrics.log_scalar(f"stab_{key}", value, weight=0, round=4)
+    metrics.log_scalar(f"{METRIC_PREFIX}{key}", value, weight=0, round=4)
+
+
+def drop_emptied_stability_meters() -> None:
+    """Remove the ``stab_*`` meters that hold no value from fairseq's active metric aggregators.
+
+    fairseq keeps a meter once a key was logged and prints every meter at each log interval; after
+    the interval's reset a meter that was not logged again prints ``None``.  The instruments log only
+    on measurement updates, so without this every log line between measurements would list every
+    sub-layer's keys as ``None``, and so would every log line of a run resumed without
+    ``--log-stability`` (fairseq restores its metrics from the checkpoint).  Called before each
+    training forward: a meter holding a value is kept until it has been printed and reset.
+    """
+    from fairseq.logging import metrics
+
+    for aggregator in metrics.get_active_aggregators():
+        emptied = {key for key, meter in aggregator.items()
+                   if key.startswith(METRIC_PREFIX) and getattr(meter, "count", None) == 0
+                   and getattr(meter, "val", 0) is None}
+        if emptied:
+            for key in emptied:
+                del aggregator[key]
+            # MetersDict orders its keys by this list of (priority, insertion, key)
+            aggregator.priorities = [entry for entry in aggregator.priorities if entry[2] not in emptied]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import shutil
 import sys
@@ -12,7 +13,7 @@ import torch
 from fairseq.logging import metrics
 
 import deepnet_fairseq  # noqa: F401
-from conftest import train_args
+from conftest import fairseq_main, train_args
 from deepnet_fairseq.stability import output_features, rms_norm_per_token
 from modelkit import build, sample_batch
 
@@ -487,3 +488,34 @@ def test_deep_copy_of_a_measured_model_carries_no_measurement_hook(tiny_data):
     clone.eval()
     with torch.no_grad():
         torch.testing.assert_close(clone(**_net_input(task))[0], model(**_net_input(task))[0])
+
+
+def _train_inner_records(log: str) -> dict:
+    """{num_updates: the json train_inner record} of a fairseq-train log."""
+    records = {}
+    for line in log.splitlines():
+        start = line.find("{")
+        if "train_inner" in line and start >= 0:
+            record = json.loads(line[start:])
+            records[int(record["num_updates"])] = record
+    return records
+
+
+def test_unmeasured_updates_and_a_resume_without_the_flag_log_no_stability_keys(tiny_data, tmp_path):
+    """Only measured updates carry stab_* values: no ``stab_...=None`` for every sub-layer on the others,
+    and none left over from the metrics state a checkpoint restores when resumed without --log-stability."""
+    save = tmp_path / "ckpt"
+    _, log = fairseq_main("train", train_args(tiny_data, save, "--deepnorm", "--max-update", "4",
+                                              "--disable-validation", "--log-stability",
+                                              "--stability-interval", "2")[1:])
+    records = _train_inner_records(log)
+    stab = {update: {k: v for k, v in record.items() if k.startswith("stab_")} for update, record in records.items()}
+    assert sorted(stab) == [1, 2, 3, 4]
+    for update in (1, 3):  # updates 0 and 2 are measured
+        assert stab[update] and all(value is not None for value in stab[update].values())
+    assert stab[2] == {} and stab[4] == {}
+    _, log = fairseq_main("train", train_args(tiny_data, save, "--deepnorm", "--max-update", "6",
+                                              "--disable-validation")[1:])
+    resumed = _train_inner_records(log)
+    assert sorted(resumed) == [5, 6]
+    assert all(not key.startswith("stab_") for record in resumed.values() for key in record)

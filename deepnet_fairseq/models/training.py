@@ -1,13 +1,14 @@
 """What a deepnet model does around its training forward pass: the ``--log-stability`` instruments
-(inactive, no extra work, unless the flag is set).  Schemes that act on the first training forward
-(Admin's profiling) hook their own stacks (:meth:`ResidualScheme.prepare_stack`)."""
+(inactive, no hooks and no extra forward, unless the flag is set) and dropping their emptied meters.
+Schemes that act on the first training forward (Admin's profiling) hook their own stacks
+(:meth:`ResidualScheme.prepare_stack`)."""
 
 from typing import Callable, Dict
 
 from torch import Tensor, nn
 
 from deepnet_fairseq.models.checks import check_vocabulary_matches
-from deepnet_fairseq.stability import StabilityMonitor
+from deepnet_fairseq.stability import StabilityMonitor, drop_emptied_stability_meters
 
 
 def attach_instruments(model: nn.Module, args) -> None:
@@ -19,8 +20,11 @@ def attach_instruments(model: nn.Module, args) -> None:
 
 def training_forward(model: nn.Module, net_input: Dict[str, Tensor], run: Callable[[], object]):
     """Run ``run()`` (the model's forward), measured by the instruments on their measurement steps."""
+    if not model.training:
+        return run()
+    drop_emptied_stability_meters()
     monitor = model.__dict__.get("stability_monitor")
-    if monitor is None or not model.training:
+    if monitor is None:
         return run()
     if not monitor.is_measurement_step(model.__dict__.get("num_updates_seen", 0)):
         monitor.remove_grad_hooks()  # a measured forward without backward must not measure this update
