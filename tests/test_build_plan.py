@@ -68,6 +68,18 @@ def test_pruned_model_logs_trained_and_built_depths(mono_data, caplog):
     assert f"alpha={(2 * 4) ** 0.25:.4f}" in line
 
 
+def test_layers_to_keep_on_the_command_line_builds_the_pruned_encoder_decoder(tiny_data, caplog):
+    """fairseq's parser gives --encoder-layers-to-keep 0,2 as a list, which fairseq's own build_model
+    cannot split; the model is built pruned, with the constants of the trained depths."""
+    with caplog.at_level(logging.INFO, logger="deepnet_fairseq.models.deepnet_transformer"):
+        model, _ = build(tiny_data, "--deepnorm", "--encoder-layers", 4, "--decoder-layers", 2,
+                         "--encoder-layers-to-keep", "0,2")
+    assert len(model.encoder.layers) == 2 and len(model.decoder.layers) == 2
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("deepnet_transformer"))
+    assert line.startswith("deepnet_transformer 4L-2L (built 2L-2L after --*-layers-to-keep): encoder deepnorm(")
+    assert f"alpha={0.81 * (4**4 * 2) ** (1 / 16):.4f}" in line
+
+
 def test_every_scheme_option_is_a_flag_owned_by_its_scheme():
     declared = {spec.name: name for name, cls in SCHEMES.items() for spec in fields(cls.Options)}
     assert OPTION_OWNERS == declared

@@ -45,6 +45,7 @@ class DeepNetTransformerModel(DeepNetModelMixin, TransformerModel):
             args = argparse.Namespace(**OmegaConf.to_container(args, resolve=True))
         deepnet_transformer_architecture(args)
         validate_shapes(args, ("encoder", "decoder"))
+        _layers_to_keep_as_text(args)
         plan = plan_model(args, ("encoder", "decoder"))
         plan.apply_layer_norm_placement(args)
         logger.info(plan.describe("deepnet_transformer"))
@@ -74,6 +75,16 @@ class DeepNetTransformerModel(DeepNetModelMixin, TransformerModel):
         cfg = TransformerConfig.from_namespace(args)
         return DeepNetDecoder(cfg, tgt_dict, embed_tokens, _building_plan().decoder,
                               no_encoder_attn=cfg.no_cross_attention)
+
+
+def _layers_to_keep_as_text(args) -> None:
+    """``--encoder/decoder-layers-to-keep`` as the comma-separated text fairseq's ``build_model`` and
+    checkpoint pruning split: fairseq's command-line parser turns ``0,2`` into the list ``[0, 2]``
+    (``--model-overrides`` keeps the text), on which they fail with ``AttributeError``."""
+    for side in ("encoder", "decoder"):
+        keep = getattr(args, f"{side}_layers_to_keep", None)
+        if isinstance(keep, (list, tuple)):
+            setattr(args, f"{side}_layers_to_keep", ",".join(str(int(index)) for index in keep))
 
 
 # The plan build_model resolved for the trained depths, while fairseq's build_model calls the
