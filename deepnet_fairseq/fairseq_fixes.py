@@ -7,9 +7,9 @@ it (kept with the code of its concept: :mod:`deepnet_fairseq.checkpoints`, ``div
 ``scheme_record``).  :func:`install_fixes` installs them once per process and logs one INFO line naming
 the active ones.
 
-* Version guard: on fairseq :data:`CHECKED_FAIRSEQ_VERSION` every fix is installed; on another
-  version a WARNING is logged and only the fixes whose ``applies()`` holds are installed (the
-  skipped ones are named).
+* Version guard: a fix is installed on the fairseq version it was checked against (``checked_with``,
+  :data:`CHECKED_FAIRSEQ_VERSION` for all of them today); on another version a WARNING is logged and
+  only the fixes whose ``applies()`` holds are installed (the skipped ones are named).
 * ``DEEPNET_FAIRSEQ_FIXES=off`` installs none; ``DEEPNET_FAIRSEQ_FIXES=-name1,-name2`` all but
   those.  Each fix switched off is named in a WARNING saying what is lost.
 """
@@ -270,12 +270,14 @@ def install_fixes() -> Tuple[str, ...]:
                            fix.off_effect)
     chosen = [fix for fix in FIXES if fix.name not in off]
     version = getattr(fairseq, "__version__", "unknown")
-    if version != CHECKED_FAIRSEQ_VERSION:
-        skipped = [fix for fix in chosen if not fix.applies()]
+    unchecked = [fix for fix in chosen if fix.checked_with != version]
+    if unchecked:
+        skipped = [fix for fix in unchecked if not fix.applies()]
         chosen = [fix for fix in chosen if fix not in skipped]
         logger.warning(
             "fairseq %s is not the version deepnet_fairseq's fixes were checked against (%s): installing "
-            "only those whose target still looks as expected; skipped: %s", version, CHECKED_FAIRSEQ_VERSION,
+            "only those whose target still looks as expected; skipped: %s", version,
+            ", ".join(sorted({fix.checked_with for fix in unchecked})),
             ", ".join(f"{fix.name} ({fix.target})" for fix in skipped) or "none",
         )
     for fix in chosen:

@@ -19,7 +19,7 @@ from deepnet_fairseq.schemes.base import resolve_options
 
 SIDES = ("encoder", "decoder")
 # run-level settings a scheme may refuse (ReZero refuses fp16)
-RUN_SETTINGS = ("fp16", "memory_efficient_fp16", "bf16")
+RUN_SETTINGS = ("fp16", "memory_efficient_fp16")
 
 
 @dataclass(frozen=True)
